@@ -1,0 +1,20 @@
+//! Classification of free-text failure messages into the bounded `reason` label.
+//! (Placeholder: replaced by the rule engine in the adapters change.)
+
+use crate::task::FailureReason;
+
+#[derive(Debug, Clone, Default)]
+pub struct FailureRules {}
+
+impl FailureRules {
+    pub fn defaults() -> Self {
+        FailureRules {}
+    }
+
+    pub fn classify(&self, message: Option<&str>) -> FailureReason {
+        match message {
+            None => FailureReason::Unspecified,
+            Some(_) => FailureReason::Other,
+        }
+    }
+}
