@@ -5,5 +5,10 @@
 //! asks `providers` (through `upstream`) and applies what it learns to the `registry`;
 //! the `registry` emits events that move the `metrics`; `http` serves them.
 
+pub mod config;
 pub mod providers;
+pub mod registry;
+pub mod secret;
+pub mod shard;
+pub mod store;
 pub mod task;

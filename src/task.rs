@@ -190,16 +190,18 @@ impl Observation {
 /// Accepts a numeric offset too, because "`Z` always" is a documentation promise, not a schema.
 pub fn parse_timestamp(text: &str) -> Option<UnixMillis> {
     let text = text.trim();
-    let time = humantime::parse_rfc3339_weak(text).ok().or_else(|| {
-        // humantime only knows `Z`; fold a `+hh:mm` / `-hh:mm` offset in ourselves.
-        let (base, sign, offset) = split_offset(text)?;
-        let utc = humantime::parse_rfc3339_weak(base).ok()?;
-        Some(if sign > 0 {
-            utc.checked_sub(offset)?
-        } else {
-            utc.checked_add(offset)?
-        })
-    })?;
+    // humantime only knows `Z`; fold a `+hh:mm` / `-hh:mm` offset in ourselves.
+    let time = match split_offset(text) {
+        Some((base, sign, offset)) => {
+            let local = humantime::parse_rfc3339_weak(base).ok()?;
+            if sign > 0 {
+                local.checked_sub(offset)?
+            } else {
+                local.checked_add(offset)?
+            }
+        }
+        None => humantime::parse_rfc3339_weak(text).ok()?,
+    };
     Some(system_time_to_millis(time))
 }
 
@@ -263,7 +265,10 @@ mod tests {
 
     #[test]
     fn terminal_and_in_flight_sets() {
-        let terminal: Vec<_> = Status::ALL.into_iter().filter(|s| s.is_terminal()).collect();
+        let terminal: Vec<_> = Status::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .collect();
         assert_eq!(
             terminal,
             [
@@ -273,7 +278,10 @@ mod tests {
                 Status::Cancelled
             ]
         );
-        let in_flight: Vec<_> = Status::ALL.into_iter().filter(|s| s.is_in_flight()).collect();
+        let in_flight: Vec<_> = Status::ALL
+            .into_iter()
+            .filter(|s| s.is_in_flight())
+            .collect();
         assert_eq!(in_flight, [Status::Pending, Status::Running]);
     }
 
@@ -306,7 +314,11 @@ mod tests {
         o.completed_at = Some(3_500);
         assert_eq!(o.latency_seconds(), Some(2.5));
         o.created_at = Some(10_000);
-        assert_eq!(o.latency_seconds(), None, "negative latency is skew, not data");
+        assert_eq!(
+            o.latency_seconds(),
+            None,
+            "negative latency is skew, not data"
+        );
     }
 
     #[test]

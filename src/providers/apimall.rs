@@ -11,7 +11,11 @@ pub struct Apimall {
 }
 
 fn todo_failure() -> UpstreamFailure {
-    UpstreamFailure { class: FailureClass::InvalidResponse, api_error: Some("invalid_response"), message: "not implemented".into() }
+    UpstreamFailure {
+        class: FailureClass::InvalidResponse,
+        api_error: Some("invalid_response"),
+        message: "not implemented".into(),
+    }
 }
 
 impl Apimall {
@@ -24,7 +28,11 @@ impl Apimall {
         format!("/api/v1/images/{task_id}")
     }
 
-    pub fn parse_task(&self, _http_status: u16, _body: &[u8]) -> Result<Observation, UpstreamFailure> {
+    pub fn parse_task(
+        &self,
+        _http_status: u16,
+        _body: &[u8],
+    ) -> Result<Observation, UpstreamFailure> {
         Err(todo_failure())
     }
 
@@ -33,14 +41,26 @@ impl Apimall {
     }
 
     pub fn history_path(&self, kind: HistoryKind, page: u32, limit: u32) -> String {
-        format!("/api/v1/{}/history?page={page}&limit={limit}", kind.as_str())
+        format!(
+            "/api/v1/{}/history?page={page}&limit={limit}",
+            kind.as_str()
+        )
     }
 
-    pub fn parse_history(&self, _http_status: u16, _body: &[u8], _limit: u32) -> Result<HistoryPage, UpstreamFailure> {
+    pub fn parse_history(
+        &self,
+        _http_status: u16,
+        _body: &[u8],
+        _limit: u32,
+    ) -> Result<HistoryPage, UpstreamFailure> {
         Err(todo_failure())
     }
 
-    pub fn parse_balance(&self, _http_status: u16, _body: &[u8]) -> Result<Balance, UpstreamFailure> {
+    pub fn parse_balance(
+        &self,
+        _http_status: u16,
+        _body: &[u8],
+    ) -> Result<Balance, UpstreamFailure> {
         Err(todo_failure())
     }
 }

@@ -15,8 +15,16 @@ impl Maxapi {
         format!("/api/v1/task/{task_id}")
     }
 
-    pub fn parse_task(&self, _http_status: u16, _body: &[u8]) -> Result<Observation, UpstreamFailure> {
-        Err(UpstreamFailure { class: FailureClass::InvalidResponse, api_error: Some("invalid_response"), message: "not implemented".into() })
+    pub fn parse_task(
+        &self,
+        _http_status: u16,
+        _body: &[u8],
+    ) -> Result<Observation, UpstreamFailure> {
+        Err(UpstreamFailure {
+            class: FailureClass::InvalidResponse,
+            api_error: Some("invalid_response"),
+            message: "not implemented".into(),
+        })
     }
 
     pub fn parse_webhook(&self, body: &[u8]) -> Result<Observation, UpstreamFailure> {

@@ -98,7 +98,11 @@ impl Adapter {
     }
 
     /// Turns a get-task answer into an observation, or a classified failure.
-    pub fn parse_task(&self, http_status: u16, body: &[u8]) -> Result<Observation, UpstreamFailure> {
+    pub fn parse_task(
+        &self,
+        http_status: u16,
+        body: &[u8],
+    ) -> Result<Observation, UpstreamFailure> {
         match self {
             Adapter::Maxapi(a) => a.parse_task(http_status, body),
             Adapter::Apimall(a) => a.parse_task(http_status, body),

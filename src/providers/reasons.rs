@@ -11,6 +11,10 @@ impl FailureRules {
         FailureRules {}
     }
 
+    pub fn new(_user_rules: &[(String, String)]) -> Result<Self, RuleError> {
+        Ok(FailureRules {})
+    }
+
     pub fn classify(&self, message: Option<&str>) -> FailureReason {
         match message {
             None => FailureReason::Unspecified,
@@ -18,3 +22,7 @@ impl FailureRules {
         }
     }
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid rule")]
+pub struct RuleError;
