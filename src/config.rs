@@ -331,6 +331,8 @@ pub struct ProviderSettings {
     pub history: Option<HistorySettings>,
     pub balance_interval: Option<Duration>,
     pub failure_rules: FailureRules,
+    /// The `failure_reasons` as written, to tell whether a reload changed them.
+    pub failure_rules_source: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -804,6 +806,7 @@ fn resolve_provider(
         history,
         balance_interval,
         failure_rules,
+        failure_rules_source: rule_pairs,
     })
 }
 

@@ -541,6 +541,25 @@ impl ProviderTasks {
         }
     }
 
+    /// Schedules every unfinished task that has no poll planned: tasks taken by a poller
+    /// that was stopped (reload) before their answer came back.
+    pub fn reschedule_unscheduled(&self, now: i64) {
+        let mut inner = self.lock();
+        let orphans: Vec<u32> = inner
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                t.as_ref()
+                    .filter(|t| !t.status.is_terminal() && t.next_poll == NEVER)
+                    .map(|_| i as u32)
+            })
+            .collect();
+        for slot in orphans {
+            inner.schedule_at(slot, now);
+        }
+    }
+
     /// Ends retention of finished tasks and expires old tombstones.
     pub fn sweep(&self, now: i64) {
         self.lock().sweep(now);

@@ -185,6 +185,33 @@ impl Store {
         Ok(snapshot)
     }
 
+    /// Reads the tasks and tombstones of one provider (a provider added by reload).
+    pub fn load_provider(&self, provider: &str) -> Result<Snapshot, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let start = format!("{provider}\0");
+        let end = format!("{provider}\u{1}");
+        let mut snapshot = Snapshot::default();
+        let tasks = txn.open_table(TASKS).map_err(|e| self.err(e))?;
+        for row in tasks
+            .range(start.as_str()..end.as_str())
+            .map_err(|e| self.err(e))?
+        {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            snapshot
+                .tasks
+                .push((k.value().to_string(), v.value().to_vec()));
+        }
+        let tombstones = txn.open_table(TOMBSTONES).map_err(|e| self.err(e))?;
+        for row in tombstones
+            .range(start.as_str()..end.as_str())
+            .map_err(|e| self.err(e))?
+        {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            snapshot.tombstones.push((k.value().to_string(), v.value()));
+        }
+        Ok(snapshot)
+    }
+
     /// Writes a batch atomically and durably.
     pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         if batch.is_empty() {
@@ -251,5 +278,8 @@ mod tests {
         assert_eq!(snap.tombstones, vec![(task_key("mx", "z"), 42)]);
         assert_eq!(snap.counters, vec![("c".to_string(), vec![9])]);
         assert_eq!(split_task_key(&snap.tasks[0].0), Some(("mx", "a")));
+        let other = store.load_provider("m").unwrap();
+        assert!(other.tasks.is_empty(), "prefix of another provider's name");
+        assert_eq!(store.load_provider("mx").unwrap().tasks.len(), 1);
     }
 }
