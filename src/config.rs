@@ -345,9 +345,13 @@ pub struct HistorySettings {
 /// Longest task id we accept from any source; providers use UUIDs and 30-character ids.
 pub const MAX_TASK_ID_LEN: usize = 128;
 
-/// Whether `id` may be tracked: non-empty, bounded, printable ASCII without spaces.
+/// Whether `id` may be tracked: non-empty, bounded, printable ASCII without spaces, and
+/// not made of dots only (`..` would walk up the request path even when percent-encoded).
 pub fn is_valid_task_id(id: &str) -> bool {
-    !id.is_empty() && id.len() <= MAX_TASK_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic())
+    !id.is_empty()
+        && id.len() <= MAX_TASK_ID_LEN
+        && id.bytes().all(|b| b.is_ascii_graphic())
+        && !id.bytes().all(|b| b == b'.')
 }
 
 // ---------------------------------------------------------------------------------------

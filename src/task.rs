@@ -206,10 +206,11 @@ pub fn parse_timestamp(text: &str) -> Option<UnixMillis> {
 }
 
 fn split_offset(text: &str) -> Option<(&str, i32, Duration)> {
-    if text.len() < 6 {
+    let cut = text.len().checked_sub(6)?;
+    if !text.is_char_boundary(cut) {
         return None;
     }
-    let (base, offset) = text.split_at(text.len() - 6);
+    let (base, offset) = text.split_at(cut);
     let bytes = offset.as_bytes();
     let sign = match bytes[0] {
         b'+' => 1,
@@ -302,6 +303,7 @@ mod tests {
             Some(1_773_307_800_000)
         );
         assert_eq!(parse_timestamp("yesterday"), None);
+        assert_eq!(parse_timestamp("日本語x"), None);
         assert_eq!(parse_timestamp(""), None);
     }
 

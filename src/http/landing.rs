@@ -1,6 +1,6 @@
 //! The landing page: version, links, and a status table per provider.
 
-use std::fmt::Write;
+use std::fmt::Write as _;
 use std::time::SystemTime;
 
 use axum::extract::State;
@@ -48,11 +48,11 @@ pub async fn page(State(app): State<AppState>) -> Html<String> {
         // Error texts come from providers; the provider's own key is redacted already,
         // and escaping keeps them inert.
         let error = p.upstream.last_error.as_deref().unwrap_or("");
-        let _ = write!(
+        let _ = writeln!(
             rows,
             "<tr class=\"provider\" data-provider=\"{name}\"><td class=\"name\">{name}</td><td class=\"type\">{kind}</td>\
              <td class=\"up {upclass}\">{up}</td><td class=\"last-poll\">{last}</td><td class=\"tasks\">{tracked} ({tasks})</td>\
-             <td class=\"last-error\">{error}</td></tr>\n",
+             <td class=\"last-error\">{error}</td></tr>",
             name = escape(&p.name),
             kind = p.kind,
             upclass = if p.upstream.up { "yes" } else { "no" },

@@ -76,7 +76,9 @@ pub struct FakeUpstream {
 impl FakeUpstream {
     pub async fn start() -> FakeUpstream {
         let state = Arc::new(Mutex::new(FakeState::default()));
-        let app = Router::new().fallback(fake_handler).with_state(state.clone());
+        let app = Router::new()
+            .fallback(fake_handler)
+            .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -174,8 +176,9 @@ impl Exporter {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let lookup = move |name: &str| vars.get(name).cloned();
-        let settings = config::resolve(file, Path::new("test.yaml"), &Overrides::default(), &lookup)
-            .expect("test config is valid");
+        let settings =
+            config::resolve(file, Path::new("test.yaml"), &Overrides::default(), &lookup)
+                .expect("test config is valid");
         let app = App::start(settings, None, Overrides::default())
             .await
             .expect("exporter starts");
@@ -211,7 +214,10 @@ impl Exporter {
                 return scrape;
             }
             if Instant::now() > deadline {
-                panic!("condition not met within {timeout:?}; last scrape:\n{}", scrape.text);
+                panic!(
+                    "condition not met within {timeout:?}; last scrape:\n{}",
+                    scrape.text
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -269,7 +275,10 @@ impl Scrape {
     /// The sample `name` whose labels include all of `labels`; panics if several match.
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let matches: Vec<&Sample> = self.matching(name, labels).collect();
-        assert!(matches.len() <= 1, "{name} {labels:?} is ambiguous: {matches:?}");
+        assert!(
+            matches.len() <= 1,
+            "{name} {labels:?} is ambiguous: {matches:?}"
+        );
         matches.first().map(|s| s.value)
     }
 
@@ -297,7 +306,9 @@ fn parse_sample(line: &str) -> Sample {
     let value = match value {
         "+Inf" => f64::INFINITY,
         "-Inf" => f64::NEG_INFINITY,
-        v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        v => v
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}")),
     };
     let (name, labels) = match head.split_once('{') {
         None => (head.to_string(), BTreeMap::new()),
