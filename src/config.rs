@@ -455,13 +455,24 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
         // An empty file is an empty mapping: every default applies.
         return Ok(FileConfig::default());
     }
-    serde_saphyr::from_str::<FileConfig>(text).map_err(|e| {
-        let message = e.to_string();
-        match e.location() {
-            Some(loc) if !message.contains("line") => {
-                format!("line {} column {}: {message}", loc.line(), loc.column())
-            }
-            _ => message,
+    // serde_path_to_error tells the key path ("providers[1].polling.interval"); saphyr
+    // tells line and column and shows the offending line.
+    let mut key_path = String::new();
+    let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize::<_, FileConfig>(de).map_err(|e| {
+            key_path = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    parsed.map_err(|e| {
+        let mut message = e.to_string();
+        if let Some(loc) = e.location().filter(|_| !message.contains("line")) {
+            message = format!("line {} column {}: {message}", loc.line(), loc.column());
+        }
+        if key_path.is_empty() || key_path == "." {
+            message
+        } else {
+            format!("{key_path}: {message}")
         }
     })
 }
@@ -975,6 +986,8 @@ mod tests {
     fn unknown_keys_and_bad_durations_name_the_line() {
         let err = parse("server:\n  listen_adress: 1.2.3.4:5\n").unwrap_err();
         assert!(err.contains("listen_adress"), "{err}");
+        let err = parse("providers:\n  - name: a\n    type: maxapi\n    polling: {interval: 5 minutes please}\n").unwrap_err();
+        assert!(err.starts_with("providers[0].polling.interval: "), "{err}");
         assert!(err.contains('2'), "line number expected: {err}");
         let err = parse("polling:\n  interval: soon\n").unwrap_err();
         assert!(err.contains("invalid duration"), "{err}");
