@@ -6,4 +6,5 @@
 //! the `registry` emits events that move the `metrics`; `http` serves them.
 
 pub mod providers;
+pub mod simulator;
 pub mod task;
