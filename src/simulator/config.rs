@@ -57,7 +57,7 @@ pub struct ProviderSim {
     /// apimall only: starting account balance (`credits` and `api_credits`). Default 100000.
     pub initial_credits: f64,
     /// Terminal tasks are POSTed here once. maxapi: the query envelope, used as the
-    /// `callBackUrl` of workload tasks (tasks submitted with their own `callBackUrl` use that).
+    /// `callBackUrl` of every task created without one (submit requests may name their own).
     /// apimall: the account webhook, body is the get-task `data` object (or the whole envelope,
     /// see `callback_envelope`). `http://` targets only. Default none.
     pub callback_url: Option<String>,
@@ -354,7 +354,7 @@ impl SimConfig {
             latency_min: Duration::from_secs(min),
             latency_max: Duration::from_secs(max),
             pending_share: 0.25,
-            failure_ratio: 0.07,
+            failure_ratio: 0.08,
             timeout_ratio: 0.01,
             cancel_ratio: 0.0,
             credits,

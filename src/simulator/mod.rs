@@ -51,6 +51,9 @@ pub use wire::{APIMALL_FAILURE_MESSAGES, MAXAPI_FAILURE_REASONS};
 
 use state::State;
 
+/// Longest latency or backfill window honoured (longer values are clamped).
+const MAX_SPAN: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Which simulated provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SimProvider {
@@ -120,6 +123,15 @@ impl Simulator {
         for p in [&mut cfg.maxapi, &mut cfg.apimall] {
             p.api_keys.retain(|k| !k.is_empty());
             p.api_keys.truncate(state::MAX_KEYS);
+            // Keep every instant computable (no overflow, no NaN) whatever the input.
+            p.backfill_window = p.backfill_window.min(MAX_SPAN);
+            for m in &mut p.workload.models {
+                m.latency_min = m.latency_min.min(MAX_SPAN);
+                m.latency_max = m.latency_max.min(MAX_SPAN);
+                if !m.pending_share.is_finite() {
+                    m.pending_share = 0.0;
+                }
+            }
         }
         let mut st = State::new(&cfg);
         for p in SimProvider::ALL {
@@ -173,7 +185,7 @@ impl Simulator {
 
     /// Start the configured workloads (Poisson arrivals at `tasks_per_second`, until
     /// `total_tasks`). The handle completes when every workload has finished; aborting it
-    /// stops them. Must be called inside a Tokio runtime.
+    /// stops them. Each call starts another set. Must be called inside a Tokio runtime.
     pub fn spawn_workload(&self) -> tokio::task::JoinHandle<()> {
         self.ensure_pump();
         let mut loops = Vec::new();
@@ -366,7 +378,9 @@ async fn run_workload(sim: Simulator, p: SimProvider, _guard: WorkloadGuard) {
     let mut made: u64 = 0;
     while w.total_tasks.is_none_or(|t| made < t) {
         // Exponential gaps (Poisson arrivals), capped so a long draw does not stall a demo.
-        let gap = (-(1.0 - rng.f64()).ln() / rate).min(10.0 / rate);
+        let gap = (-(1.0 - rng.f64()).ln() / rate)
+            .min(10.0 / rate)
+            .min(86_400.0);
         next += Duration::from_secs_f64(gap.max(0.0));
         tokio::time::sleep_until(next).await;
         sim.create_task(p, None);
