@@ -197,7 +197,9 @@ pub struct FaultCounts {
 pub struct DeliveryCounts {
     /// Answered 2xx.
     pub delivered: u64,
-    /// Failed (transport error, timeout or non-2xx); callbacks are not retried.
+    /// Failed attempts (transport error, timeout or non-2xx). Callbacks are not retried;
+    /// a failed registration batch is retried at the next flush, so its ids may count here
+    /// more than once before they count as delivered.
     pub failed: u64,
     /// Dropped without an attempt because the outbound queue was full.
     pub dropped: u64,
