@@ -20,6 +20,7 @@ pub mod providers;
 pub mod registry;
 pub mod secret;
 pub mod shard;
+pub mod simulator;
 pub mod store;
 pub mod task;
 pub mod upstream;
