@@ -9,7 +9,8 @@ use genai_task_exporter::app::App;
 use genai_task_exporter::config::{self, Overrides, Settings};
 use genai_task_exporter::logging::{self, Format, Level};
 use genai_task_exporter::metrics::VERSION;
-use genai_task_exporter::{http, upstream};
+use genai_task_exporter::simulator::{SimConfig, Simulator};
+use genai_task_exporter::{demo, http, upstream};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -65,6 +66,25 @@ struct Cli {
 enum Command {
     /// Validate the configuration and print a summary; exit 0 when valid, 1 when not.
     CheckConfig,
+    /// Run simulated providers and the exporter on loopback: no keys, no network.
+    Demo {
+        /// Address of the simulated providers.
+        #[arg(
+            long = "simulator.listen-address",
+            value_name = "ADDR",
+            default_value = "127.0.0.1:9851"
+        )]
+        simulator_address: String,
+    },
+    /// Serve only the simulated provider APIs (both providers' paths on one listener).
+    Simulate {
+        /// Address to listen on.
+        #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:9851")]
+        listen: String,
+        /// Simulator scenario (YAML); default: the demo's workload and faults.
+        #[arg(long = "simulator.config", value_name = "PATH")]
+        scenario: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -88,6 +108,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Demo { simulator_address }) => {
+            let listen = cli
+                .listen_address
+                .unwrap_or_else(|| "127.0.0.1:9850".to_string());
+            run_demo(&listen, &simulator_address)
+        }
+        Some(Command::Simulate { listen, scenario }) => run_simulator(&listen, scenario),
         None => {
             let settings = match config::load(&cli.config_file, &overrides, &config::ProcessEnv) {
                 Ok(s) => s,
@@ -134,6 +161,81 @@ fn run_exporter(
             }
         };
         serve(app, listener).await
+    })
+}
+
+fn run_demo(exporter_address: &str, simulator_address: &str) -> ExitCode {
+    upstream::install_crypto_provider();
+    runtime().block_on(async move {
+        let (exporter_listener, simulator_listener, state) =
+            match demo::bind(exporter_address, simulator_address).await {
+                Ok(bound) => bound,
+                Err(e) => {
+                    eprintln!("cannot listen: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+        let exporter = exporter_listener.local_addr().expect("bound");
+        let simulator = simulator_listener.local_addr().expect("bound");
+        demo::start_simulator(
+            Simulator::new(demo::simulator_config(exporter)),
+            simulator_listener,
+        );
+        let settings = demo::settings(simulator, exporter, &state);
+        let app = match App::start(settings, None, Overrides::default()).await {
+            Ok(app) => app,
+            Err(e) => {
+                eprintln!("cannot start: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        print!("{}", demo::banner(exporter, simulator));
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        let code = serve(app, exporter_listener).await;
+        let _ = std::fs::remove_dir_all(&state);
+        code
+    })
+}
+
+fn run_simulator(listen: &str, scenario: Option<PathBuf>) -> ExitCode {
+    let config = match scenario {
+        None => SimConfig::demo(),
+        Some(path) => {
+            let loaded = std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|text| SimConfig::from_yaml(&text).map_err(|e| e.to_string()));
+            match loaded {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    upstream::install_crypto_provider();
+    runtime().block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("cannot listen on {listen}: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let addr = listener.local_addr().expect("bound");
+        let sim = Simulator::new(config);
+        sim.spawn_workload();
+        println!(
+            "simulated providers on http://{addr} (maxapi and apimall paths; ground truth: http://{addr}/_sim/truth)"
+        );
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        match sim.serve(listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("simulator failed: {e}");
+                ExitCode::FAILURE
+            }
+        }
     })
 }
 
