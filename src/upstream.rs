@@ -174,10 +174,8 @@ impl Upstream {
             throttles_in_a_row: AtomicU32::new(0),
             failures_in_a_row: AtomicU32::new(0),
             metrics,
-            status: Mutex::new(UpstreamStatus {
-                up: true,
-                ..UpstreamStatus::default()
-            }),
+            // Down until the first valid answer, like `genai_exporter_provider_up`.
+            status: Mutex::new(UpstreamStatus::default()),
         }
     }
 

@@ -56,7 +56,11 @@ pub async fn page(State(app): State<AppState>) -> Html<String> {
             name = escape(&p.name),
             kind = p.kind,
             upclass = if p.upstream.up { "yes" } else { "no" },
-            up = if p.upstream.up { "up" } else { "down" },
+            up = match (p.upstream.up, p.upstream.requests) {
+                (true, _) => "up",
+                (false, 0) => "no answer yet",
+                (false, _) => "down",
+            },
             last = ago(p.upstream.last_success),
             tracked = p.tracked,
             tasks = escape(&tasks),
