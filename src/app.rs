@@ -79,7 +79,9 @@ pub struct App {
     http: reqwest::Client,
     settings: RwLock<Arc<Settings>>,
     runtimes: RwLock<HashMap<String, ProviderRuntime>>,
-    persister: Mutex<Option<JoinHandle<()>>>,
+    /// The one persister (flushes must not interleave) and its periodic task.
+    persister: Arc<tokio::sync::Mutex<Persister>>,
+    persister_task: Mutex<Option<JoinHandle<()>>>,
     loaded: AtomicBool,
     config_path: Option<PathBuf>,
     overrides: Overrides,
@@ -115,6 +117,7 @@ impl App {
         let store = Arc::new(store);
         metrics.restore(&snapshot.counters);
 
+        let persister = Persister::new(store.clone(), registry.clone(), metrics.clone());
         let app = Arc::new(App {
             registry,
             metrics,
@@ -122,7 +125,8 @@ impl App {
             http: build_client(),
             settings: RwLock::new(Arc::new(settings.clone())),
             runtimes: RwLock::new(HashMap::new()),
-            persister: Mutex::new(None),
+            persister: Arc::new(tokio::sync::Mutex::new(persister)),
+            persister_task: Mutex::new(None),
             loaded: AtomicBool::new(false),
             config_path,
             overrides,
@@ -162,9 +166,8 @@ impl App {
             .reload_success_timestamp
             .set(unix_seconds(SystemTime::now()));
 
-        let persister =
-            Persister::new(app.store.clone(), app.registry.clone(), app.metrics.clone());
-        *app.persister.lock().expect("persister lock") = Some(tokio::spawn(persister.run()));
+        *app.persister_task.lock().expect("persister lock") =
+            Some(tokio::spawn(Persister::run(app.persister.clone())));
         app.loaded.store(true, Ordering::SeqCst);
         Ok(app)
     }
@@ -392,14 +395,10 @@ impl App {
         for rt in self.runtimes.read().expect("runtimes lock").values() {
             rt.stop();
         }
-        if let Some(h) = self.persister.lock().expect("persister lock").take() {
+        if let Some(h) = self.persister_task.lock().expect("persister lock").take() {
             h.abort();
         }
-        let mut persister = Persister::new(
-            self.store.clone(),
-            self.registry.clone(),
-            self.metrics.clone(),
-        );
+        let mut persister = self.persister.lock().await;
         for _ in 0..3 {
             if persister.flush().await {
                 break;
@@ -410,12 +409,7 @@ impl App {
 
     /// Commits pending changes now (tests and shutdown).
     pub async fn flush(&self) {
-        let mut persister = Persister::new(
-            self.store.clone(),
-            self.registry.clone(),
-            self.metrics.clone(),
-        );
-        persister.flush().await;
+        self.persister.lock().await.flush().await;
     }
 }
 

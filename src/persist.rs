@@ -33,13 +33,14 @@ impl Persister {
         }
     }
 
-    /// Flushes forever, every [`FLUSH_INTERVAL`].
-    pub async fn run(mut self) {
+    /// Flushes forever, every [`FLUSH_INTERVAL`]. The persister is shared behind a lock:
+    /// staged totals start from the published ones, so two flushes must never interleave.
+    pub async fn run(shared: Arc<tokio::sync::Mutex<Persister>>) {
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            self.flush().await;
+            shared.lock().await.flush().await;
         }
     }
 

@@ -169,6 +169,17 @@ pub struct Exporter {
 impl Exporter {
     /// Starts the exporter from YAML; `env` supplies the variables the YAML names.
     pub async fn start(yaml: &str, env: &[(&str, &str)], state_dir: &Path) -> Exporter {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Exporter::start_on(listener, yaml, env, state_dir).await
+    }
+
+    /// Same, on a listener bound beforehand (when others must know the address first).
+    pub async fn start_on(
+        listener: tokio::net::TcpListener,
+        yaml: &str,
+        env: &[(&str, &str)],
+        state_dir: &Path,
+    ) -> Exporter {
         let yaml = format!("state:\n  path: {}\n{yaml}", state_dir.display());
         let file = config::parse(&yaml).expect("test config parses");
         let vars: HashMap<String, String> = env
@@ -182,7 +193,6 @@ impl Exporter {
         let app = App::start(settings, None, Overrides::default())
             .await
             .expect("exporter starts");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let router = genai_task_exporter::http::router(app.clone());
         let server = tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
@@ -284,7 +294,8 @@ impl Scrape {
 
     /// Sum of every sample `name` whose labels include all of `labels` (0 when none).
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.matching(name, labels).map(|s| s.value).sum()
+        // `+ 0.0` turns the empty sum (-0.0) into 0.
+        self.matching(name, labels).map(|s| s.value).sum::<f64>() + 0.0
     }
 
     pub fn matching<'a>(
