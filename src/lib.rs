@@ -1,9 +1,27 @@
 //! genai-task-exporter: a Prometheus exporter for asynchronous image and video generation
 //! tasks on AI gateway APIs (maxapi.io, apimall.ai).
 //!
-//! Data flows one way: `config` -> `discovery` / `http` feed the `registry`; the `poller`
-//! asks `providers` (through `upstream`) and applies what it learns to the `registry`;
-//! the `registry` emits events that move the `metrics`; `http` serves them.
+//! Data flows one way:
+//! `config` -> `app` starts, per provider, a `poller` and the `discovery` sources; they and
+//! the `http` routes (registration API, webhooks) feed the `registry`. The poller asks the
+//! provider through `upstream` and an adapter in `providers`, and records the normalized
+//! answer in the `registry`, which decides what to count. The `persist`er commits those
+//! counts to the `store` and then publishes them to `metrics`, which `http` serves.
 
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod discovery;
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod persist;
+pub mod poller;
 pub mod providers;
+pub mod registry;
+pub mod secret;
+pub mod shard;
+pub mod simulator;
+pub mod store;
 pub mod task;
+pub mod upstream;

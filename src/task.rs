@@ -190,24 +190,27 @@ impl Observation {
 /// Accepts a numeric offset too, because "`Z` always" is a documentation promise, not a schema.
 pub fn parse_timestamp(text: &str) -> Option<UnixMillis> {
     let text = text.trim();
-    let time = humantime::parse_rfc3339_weak(text).ok().or_else(|| {
-        // humantime only knows `Z`; fold a `+hh:mm` / `-hh:mm` offset in ourselves.
-        let (base, sign, offset) = split_offset(text)?;
-        let utc = humantime::parse_rfc3339_weak(base).ok()?;
-        Some(if sign > 0 {
-            utc.checked_sub(offset)?
-        } else {
-            utc.checked_add(offset)?
-        })
-    })?;
+    // humantime only knows `Z`; fold a `+hh:mm` / `-hh:mm` offset in ourselves.
+    let time = match split_offset(text) {
+        Some((base, sign, offset)) => {
+            let local = humantime::parse_rfc3339_weak(base).ok()?;
+            if sign > 0 {
+                local.checked_sub(offset)?
+            } else {
+                local.checked_add(offset)?
+            }
+        }
+        None => humantime::parse_rfc3339_weak(text).ok()?,
+    };
     Some(system_time_to_millis(time))
 }
 
 fn split_offset(text: &str) -> Option<(&str, i32, Duration)> {
-    if text.len() < 6 {
+    let cut = text.len().checked_sub(6)?;
+    if !text.is_char_boundary(cut) {
         return None;
     }
-    let (base, offset) = text.split_at(text.len() - 6);
+    let (base, offset) = text.split_at(cut);
     let bytes = offset.as_bytes();
     let sign = match bytes[0] {
         b'+' => 1,
@@ -263,7 +266,10 @@ mod tests {
 
     #[test]
     fn terminal_and_in_flight_sets() {
-        let terminal: Vec<_> = Status::ALL.into_iter().filter(|s| s.is_terminal()).collect();
+        let terminal: Vec<_> = Status::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .collect();
         assert_eq!(
             terminal,
             [
@@ -273,7 +279,10 @@ mod tests {
                 Status::Cancelled
             ]
         );
-        let in_flight: Vec<_> = Status::ALL.into_iter().filter(|s| s.is_in_flight()).collect();
+        let in_flight: Vec<_> = Status::ALL
+            .into_iter()
+            .filter(|s| s.is_in_flight())
+            .collect();
         assert_eq!(in_flight, [Status::Pending, Status::Running]);
     }
 
@@ -294,6 +303,7 @@ mod tests {
             Some(1_773_307_800_000)
         );
         assert_eq!(parse_timestamp("yesterday"), None);
+        assert_eq!(parse_timestamp("日本語x"), None);
         assert_eq!(parse_timestamp(""), None);
     }
 
@@ -306,7 +316,11 @@ mod tests {
         o.completed_at = Some(3_500);
         assert_eq!(o.latency_seconds(), Some(2.5));
         o.created_at = Some(10_000);
-        assert_eq!(o.latency_seconds(), None, "negative latency is skew, not data");
+        assert_eq!(
+            o.latency_seconds(),
+            None,
+            "negative latency is skew, not data"
+        );
     }
 
     #[test]

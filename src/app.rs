@@ -1,0 +1,462 @@
+//! Wiring: the store, registry, metrics and one runtime per provider (poller, discovery),
+//! and the swap to a new configuration on reload.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use tokio::task::JoinHandle;
+
+use crate::config::{self, ConfigError, Overrides, ProviderSettings, ProviderType, Settings};
+use crate::discovery;
+use crate::metrics::Metrics;
+use crate::persist::Persister;
+use crate::poller;
+use crate::providers::{Adapter, apimall::Apimall, maxapi::Maxapi};
+use crate::registry::{ProviderTasks, Registry};
+use crate::store::{self, Snapshot, Store, StoreError};
+use crate::task::now_millis;
+use crate::upstream::{Upstream, UpstreamStatus, build_client};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("state store task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Builds the adapter of a provider's type.
+pub fn adapter_for(settings: &ProviderSettings) -> Adapter {
+    match settings.kind {
+        ProviderType::Maxapi => Adapter::Maxapi(Maxapi::new()),
+        ProviderType::Apimall => Adapter::Apimall(Apimall::new(settings.failure_rules.clone())),
+    }
+}
+
+/// A running provider: its settings and the tasks working for it.
+pub struct ProviderRuntime {
+    pub settings: ProviderSettings,
+    pub adapter: Adapter,
+    pub upstream: Arc<Upstream>,
+    pub tasks: Arc<ProviderTasks>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl ProviderRuntime {
+    fn stop(&self) {
+        for h in &self.handles {
+            h.abort();
+        }
+    }
+
+    /// Whether the provider has had its first poll: any upstream answer, or nothing to ask.
+    pub fn has_polled(&self) -> bool {
+        let status = self.upstream.status();
+        status.requests > 0
+            || (self.tasks.tracked() == 0
+                && self.settings.history.is_none()
+                && self.settings.balance_interval.is_none())
+    }
+}
+
+/// What the landing page shows per provider.
+#[derive(Debug, Clone)]
+pub struct ProviderSummary {
+    pub name: String,
+    pub kind: &'static str,
+    pub upstream: UpstreamStatus,
+    pub tasks_by_status: Vec<(&'static str, u64)>,
+    pub tracked: u64,
+}
+
+pub struct App {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    store: Arc<Store>,
+    http: reqwest::Client,
+    settings: RwLock<Arc<Settings>>,
+    runtimes: RwLock<HashMap<String, ProviderRuntime>>,
+    persister: Mutex<Option<JoinHandle<()>>>,
+    loaded: AtomicBool,
+    config_path: Option<PathBuf>,
+    overrides: Overrides,
+    /// Serializes reloads (SIGHUP and `POST /-/reload` may race).
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl App {
+    /// Opens the store, restores counters and tasks, and starts every provider.
+    pub async fn start(
+        settings: Settings,
+        config_path: Option<PathBuf>,
+        overrides: Overrides,
+    ) -> Result<Arc<App>, StartError> {
+        let registry = Arc::new(Registry::new(
+            settings.max_models_per_provider,
+            settings.shard,
+        ));
+        let metrics = Arc::new(Metrics::new(
+            settings.latency_buckets.clone(),
+            registry.clone(),
+        ));
+        metrics.set_shard(settings.shard.index, settings.shard.count);
+
+        let state_path = settings.state_path.clone();
+        let started = std::time::Instant::now();
+        let (store, snapshot) = tokio::task::spawn_blocking(move || {
+            let store = Store::open(&state_path)?;
+            let snapshot = store.load()?;
+            Ok::<_, StoreError>((store, snapshot))
+        })
+        .await??;
+        let store = Arc::new(store);
+        metrics.restore(&snapshot.counters);
+
+        let app = Arc::new(App {
+            registry,
+            metrics,
+            store,
+            http: build_client(),
+            settings: RwLock::new(Arc::new(settings.clone())),
+            runtimes: RwLock::new(HashMap::new()),
+            persister: Mutex::new(None),
+            loaded: AtomicBool::new(false),
+            config_path,
+            overrides,
+            reload_lock: tokio::sync::Mutex::new(()),
+        });
+
+        let mut by_provider: HashMap<String, Snapshot> = HashMap::new();
+        for (key, record) in snapshot.tasks {
+            if let Some((provider, _)) = store::split_task_key(&key) {
+                let entry = by_provider.entry(provider.to_string()).or_default();
+                entry.tasks.push((key, record));
+            }
+        }
+        for (key, last) in snapshot.tombstones {
+            if let Some((provider, _)) = store::split_task_key(&key) {
+                let entry = by_provider.entry(provider.to_string()).or_default();
+                entry.tombstones.push((key, last));
+            }
+        }
+        let mut restored = 0;
+        for p in &settings.providers {
+            let tasks = app.registry.provider_or_insert(&p.name, &p.polling);
+            if let Some(snap) = by_provider.remove(&p.name) {
+                restored += restore_into(&tasks, &snap);
+            }
+        }
+        tracing::info!(
+            tasks = restored,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            path = %app.store.path().display(),
+            "state loaded"
+        );
+
+        app.apply(&settings);
+        app.metrics.reload_successful.set(1);
+        app.metrics
+            .reload_success_timestamp
+            .set(unix_seconds(SystemTime::now()));
+
+        let persister =
+            Persister::new(app.store.clone(), app.registry.clone(), app.metrics.clone());
+        *app.persister.lock().expect("persister lock") = Some(tokio::spawn(persister.run()));
+        app.loaded.store(true, Ordering::SeqCst);
+        Ok(app)
+    }
+
+    pub fn settings(&self) -> Arc<Settings> {
+        self.settings.read().expect("settings lock").clone()
+    }
+
+    /// Starts, restarts or stops provider runtimes to match `settings`. Tasks of providers
+    /// that stay are kept; counters are never touched.
+    fn apply(&self, settings: &Settings) {
+        let mut runtimes = self.runtimes.write().expect("runtimes lock");
+        let wanted: HashMap<&str, &ProviderSettings> = settings
+            .providers
+            .iter()
+            .map(|p| (p.name.as_str(), p))
+            .collect();
+
+        let removed: Vec<String> = runtimes
+            .keys()
+            .filter(|name| !wanted.contains_key(name.as_str()))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(rt) = runtimes.remove(&name) {
+                rt.stop();
+                self.registry.remove_provider(&name);
+                tracing::info!(provider = %name, "provider removed");
+            }
+        }
+
+        for p in &settings.providers {
+            if let Some(rt) = runtimes.get(&p.name) {
+                if same_runtime(&rt.settings, p) {
+                    continue;
+                }
+                rt.stop();
+                tracing::info!(provider = %p.name, "provider changed; restarting its pollers");
+            }
+            let tasks = match self.registry.provider(&p.name) {
+                Some(tasks) => {
+                    tasks.set_polling(&p.polling);
+                    tasks
+                }
+                None => {
+                    let tasks = self.registry.provider_or_insert(&p.name, &p.polling);
+                    // A provider (re)added by reload continues from its stored tasks.
+                    match self.store.load_provider(&p.name) {
+                        Ok(snap) => {
+                            restore_into(&tasks, &snap);
+                        }
+                        Err(e) => {
+                            tracing::error!(provider = %p.name, error = %e, "cannot load stored tasks")
+                        }
+                    }
+                    tasks
+                }
+            };
+            let runtime = self.start_provider(p, tasks);
+            runtimes.insert(p.name.clone(), runtime);
+        }
+        let names: Vec<String> = settings.providers.iter().map(|p| p.name.clone()).collect();
+        self.metrics.set_providers(&names);
+        *self.settings.write().expect("settings lock") = Arc::new(settings.clone());
+    }
+
+    fn start_provider(&self, p: &ProviderSettings, tasks: Arc<ProviderTasks>) -> ProviderRuntime {
+        let adapter = adapter_for(p);
+        let upstream = Arc::new(Upstream::new(p, self.http.clone(), self.metrics.clone()));
+        tasks.reschedule_unscheduled(now_millis());
+        discovery::track_static(&tasks, &p.tasks);
+
+        let mut handles = vec![tokio::spawn(poller::run(
+            tasks.clone(),
+            upstream.clone(),
+            adapter.clone(),
+        ))];
+        if !p.task_files.is_empty() {
+            handles.push(tokio::spawn(discovery::watch_task_files(
+                p.clone(),
+                tasks.clone(),
+                self.metrics.clone(),
+            )));
+        }
+        if let Some(history) = &p.history {
+            handles.push(tokio::spawn(discovery::poll_history(
+                history.clone(),
+                p.name.clone(),
+                tasks.clone(),
+                upstream.clone(),
+                adapter.clone(),
+                self.metrics.clone(),
+            )));
+        }
+        if let Some(interval) = p.balance_interval {
+            handles.push(tokio::spawn(discovery::poll_balance(
+                interval,
+                p.name.clone(),
+                upstream.clone(),
+                adapter.clone(),
+                self.metrics.clone(),
+            )));
+        }
+        tracing::info!(provider = %p.name, kind = p.kind.as_str(), base_url = %p.base_url, "provider started");
+        ProviderRuntime {
+            settings: p.clone(),
+            adapter,
+            upstream,
+            tasks,
+            handles,
+        }
+    }
+
+    /// Re-reads the configuration file; a valid one replaces the running one, an invalid one
+    /// is reported and changes nothing.
+    pub async fn reload(&self) -> Result<(), ConfigError> {
+        let _guard = self.reload_lock.lock().await;
+        let Some(path) = self.config_path.clone() else {
+            return Ok(()); // demo: built-in configuration, nothing to re-read
+        };
+        let overrides = self.overrides.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            config::load(&path, &overrides, &config::ProcessEnv)
+        })
+        .await
+        .expect("config loading does not panic");
+        match loaded {
+            Ok(mut settings) => {
+                let current = self.settings();
+                // Listener, store and shard cannot change under a running process.
+                for (what, changed) in [
+                    (
+                        "listen address",
+                        settings.listen_address != current.listen_address,
+                    ),
+                    ("state.path", settings.state_path != current.state_path),
+                    ("sharding", settings.shard != current.shard),
+                    (
+                        "metrics",
+                        settings.latency_buckets != current.latency_buckets
+                            || settings.max_models_per_provider != current.max_models_per_provider,
+                    ),
+                ] {
+                    if changed {
+                        tracing::warn!(
+                            setting = what,
+                            "changed in the file; takes effect at the next restart"
+                        );
+                    }
+                }
+                settings.listen_address = current.listen_address;
+                settings.state_path = current.state_path.clone();
+                settings.shard = current.shard;
+                settings.latency_buckets = current.latency_buckets.clone();
+                settings.max_models_per_provider = current.max_models_per_provider;
+                self.apply(&settings);
+                self.metrics.reload_successful.set(1);
+                self.metrics
+                    .reload_success_timestamp
+                    .set(unix_seconds(SystemTime::now()));
+                tracing::info!(file = %settings.source.display(), providers = settings.providers.len(), "configuration reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.reload_successful.set(0);
+                tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
+                Err(e)
+            }
+        }
+    }
+
+    /// Ready: state loaded and every provider polled once.
+    pub fn is_ready(&self) -> bool {
+        self.loaded.load(Ordering::SeqCst)
+            && self
+                .runtimes
+                .read()
+                .expect("runtimes lock")
+                .values()
+                .all(ProviderRuntime::has_polled)
+    }
+
+    /// The runtime of `provider`, for routes that need its adapter or tasks.
+    pub fn with_runtime<T>(
+        &self,
+        provider: &str,
+        f: impl FnOnce(&ProviderRuntime) -> T,
+    ) -> Option<T> {
+        self.runtimes
+            .read()
+            .expect("runtimes lock")
+            .get(provider)
+            .map(f)
+    }
+
+    pub fn summaries(&self) -> Vec<ProviderSummary> {
+        let runtimes = self.runtimes.read().expect("runtimes lock");
+        let mut list: Vec<ProviderSummary> = runtimes
+            .values()
+            .map(|rt| {
+                let gauges = rt.tasks.gauges();
+                let mut by_status: Vec<(&'static str, u64)> = Vec::new();
+                for (_, status, n) in &gauges.tasks {
+                    match by_status.iter_mut().find(|(s, _)| *s == status.as_str()) {
+                        Some((_, total)) => *total += n,
+                        None => by_status.push((status.as_str(), *n)),
+                    }
+                }
+                by_status.sort();
+                ProviderSummary {
+                    name: rt.settings.name.clone(),
+                    kind: rt.settings.kind.as_str(),
+                    upstream: rt.upstream.status(),
+                    tasks_by_status: by_status,
+                    tracked: gauges.tracked,
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Stops every provider and commits what is pending. Called once, at shutdown.
+    pub async fn shutdown(&self) {
+        for rt in self.runtimes.read().expect("runtimes lock").values() {
+            rt.stop();
+        }
+        if let Some(h) = self.persister.lock().expect("persister lock").take() {
+            h.abort();
+        }
+        let mut persister = Persister::new(
+            self.store.clone(),
+            self.registry.clone(),
+            self.metrics.clone(),
+        );
+        for _ in 0..3 {
+            if persister.flush().await {
+                break;
+            }
+        }
+        tracing::info!("state saved");
+    }
+
+    /// Commits pending changes now (tests and shutdown).
+    pub async fn flush(&self) {
+        let mut persister = Persister::new(
+            self.store.clone(),
+            self.registry.clone(),
+            self.metrics.clone(),
+        );
+        persister.flush().await;
+    }
+}
+
+fn restore_into(tasks: &ProviderTasks, snap: &Snapshot) -> usize {
+    let now = now_millis();
+    let mut restored = 0;
+    for (key, record) in &snap.tasks {
+        let Some((_, id)) = store::split_task_key(key) else {
+            continue;
+        };
+        match tasks.restore_task(id, record, now) {
+            Ok(()) => restored += 1,
+            Err(e) => {
+                tracing::warn!(provider = tasks.name(), task = id, error = %e, "skipping stored task")
+            }
+        }
+    }
+    for (key, last) in &snap.tombstones {
+        if let Some((_, id)) = store::split_task_key(key) {
+            tasks.restore_tombstone(id, *last);
+        }
+    }
+    restored
+}
+
+/// Whether a running provider can keep running unchanged under `new`.
+fn same_runtime(old: &ProviderSettings, new: &ProviderSettings) -> bool {
+    old.kind == new.kind
+        && old.base_url == new.base_url
+        && old.token == new.token
+        && old.polling == new.polling
+        && old.tasks == new.tasks
+        && old.task_files == new.task_files
+        && old.webhook_token == new.webhook_token
+        && old.history == new.history
+        && old.balance_interval == new.balance_interval
+        && old.failure_rules_source == new.failure_rules_source
+}
+
+pub fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}

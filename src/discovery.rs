@@ -1,0 +1,232 @@
+//! Discovery sources that run on their own: static ids, task files, apimall history, and
+//! the balance poll. (Webhooks and the registration API are HTTP routes in `http`.)
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::config::{HistorySettings, ProviderSettings};
+use crate::metrics::Metrics;
+use crate::poller::interpret;
+use crate::providers::Adapter;
+use crate::registry::{ProviderTasks, Source, TrackOutcome};
+use crate::task::now_millis;
+use crate::upstream::{Endpoint, Upstream};
+
+/// Page size of history requests (the documented maximum).
+pub const HISTORY_PAGE_LIMIT: u32 = 50;
+/// Task files larger than this are refused: one id per line makes this millions of ids.
+const MAX_TASK_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Tracks the static ids of the configuration.
+pub fn track_static(tasks: &ProviderTasks, ids: &[String]) -> usize {
+    let now = now_millis();
+    ids.iter()
+        .filter(|id| tasks.track(id, Source::Static, now) == TrackOutcome::New)
+        .count()
+}
+
+/// Parses a task file: one id per line, `#` starts a comment, blank lines ignored.
+pub fn parse_task_file(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(|line| line.split('#').next().unwrap_or("").trim())
+        .filter(|line| !line.is_empty())
+}
+
+/// Watches the task files of one provider: re-reads a file when its modification time or
+/// size changes (polled every `interval`, so new ids are picked up within one interval).
+pub async fn watch_task_files(
+    settings: ProviderSettings,
+    tasks: Arc<ProviderTasks>,
+    metrics: Arc<Metrics>,
+) {
+    let mut seen: HashMap<PathBuf, (SystemTime, u64)> = HashMap::new();
+    let mut tick = tokio::time::interval(settings.polling.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let patterns = settings.task_files.clone();
+        let files: Vec<PathBuf> = tokio::task::spawn_blocking(move || {
+            patterns
+                .iter()
+                .filter_map(|p| glob::glob(p).ok())
+                .flat_map(|paths| paths.filter_map(Result::ok))
+                .collect()
+        })
+        .await
+        .unwrap_or_default();
+        for path in files {
+            let meta = match tokio::fs::metadata(&path).await {
+                Ok(m) if m.is_file() => m,
+                Ok(_) => continue,
+                Err(e) => {
+                    file_error(&metrics, &settings.name, &path, &e.to_string());
+                    continue;
+                }
+            };
+            let stamp = (
+                meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                meta.len(),
+            );
+            if seen.get(&path) == Some(&stamp) {
+                continue;
+            }
+            if meta.len() > MAX_TASK_FILE_BYTES {
+                file_error(&metrics, &settings.name, &path, "file larger than 64 MiB");
+                seen.insert(path, stamp);
+                continue;
+            }
+            match tokio::fs::read(&path).await {
+                Ok(bytes) => {
+                    let text = String::from_utf8_lossy(&bytes);
+                    let now = now_millis();
+                    let mut new = 0;
+                    let mut invalid = 0;
+                    for id in parse_task_file(&text) {
+                        match tasks.track(id, Source::File, now) {
+                            TrackOutcome::New => new += 1,
+                            TrackOutcome::Invalid => invalid += 1,
+                            _ => {}
+                        }
+                    }
+                    if new > 0 || invalid > 0 {
+                        tracing::info!(provider = %settings.name, file = %path.display(), new, invalid, "task file read");
+                    }
+                    seen.insert(path, stamp);
+                }
+                Err(e) => file_error(&metrics, &settings.name, &path, &e.to_string()),
+            }
+        }
+    }
+}
+
+fn file_error(metrics: &Metrics, provider: &str, path: &std::path::Path, error: &str) {
+    tracing::warn!(provider, file = %path.display(), error, "cannot read task file");
+    metrics
+        .discovery_errors
+        .with_label_values(&[provider, "file"])
+        .inc();
+}
+
+/// Pages through the history listings every `history.interval` and tracks new ids. Their
+/// state (and whether they are already finished) comes from the get-task poll that follows.
+pub async fn poll_history(
+    history: HistorySettings,
+    provider: String,
+    tasks: Arc<ProviderTasks>,
+    upstream: Arc<Upstream>,
+    adapter: Adapter,
+    metrics: Arc<Metrics>,
+) {
+    let mut tick = tokio::time::interval(history.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for kind in &history.kinds {
+            let mut new = 0;
+            for page in 1..=history.max_pages {
+                let Some(path) = adapter.history_path(*kind, page, HISTORY_PAGE_LIMIT) else {
+                    return;
+                };
+                let answer = {
+                    let _permit = upstream.permits.acquire().await.expect("never closed");
+                    upstream.get(Endpoint::History, &path).await
+                };
+                let parsed = match answer {
+                    Ok(answer) => interpret(&answer, |status, body| {
+                        adapter.parse_history(status, body, HISTORY_PAGE_LIMIT)
+                    }),
+                    Err(_) => {
+                        history_error(&metrics, &provider);
+                        break; // counted by the upstream client; try again next interval
+                    }
+                };
+                match parsed {
+                    Ok(page) => {
+                        upstream.record_outcome(Endpoint::History, Ok(()));
+                        let now = now_millis();
+                        for item in &page.items {
+                            if tasks.track(&item.task_id, Source::History, now) == TrackOutcome::New
+                            {
+                                new += 1;
+                            }
+                        }
+                        if page.is_last {
+                            break;
+                        }
+                    }
+                    Err(failure) => {
+                        upstream.record_outcome(Endpoint::History, Err(&failure));
+                        history_error(&metrics, &provider);
+                        break;
+                    }
+                }
+            }
+            if new > 0 {
+                tracing::debug!(
+                    provider,
+                    kind = kind.as_str(),
+                    new,
+                    "history listed new tasks"
+                );
+            }
+        }
+    }
+}
+
+fn history_error(metrics: &Metrics, provider: &str) {
+    metrics
+        .discovery_errors
+        .with_label_values(&[provider, "history"])
+        .inc();
+}
+
+/// Reads the account balance every `interval` into `genai_account_credits`.
+pub async fn poll_balance(
+    interval: Duration,
+    provider: String,
+    upstream: Arc<Upstream>,
+    adapter: Adapter,
+    metrics: Arc<Metrics>,
+) {
+    let Some(path) = adapter.balance_path() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let answer = {
+            let _permit = upstream.permits.acquire().await.expect("never closed");
+            upstream.get(Endpoint::Balance, path).await
+        };
+        let Ok(answer) = answer else { continue };
+        match interpret(&answer, |status, body| adapter.parse_balance(status, body)) {
+            Ok(balance) => {
+                upstream.record_outcome(Endpoint::Balance, Ok(()));
+                metrics
+                    .account_credits
+                    .with_label_values(&[&provider, "credits"])
+                    .set(balance.credits);
+                metrics
+                    .account_credits
+                    .with_label_values(&[&provider, "api_credits"])
+                    .set(balance.api_credits);
+            }
+            Err(failure) => upstream.record_outcome(Endpoint::Balance, Err(&failure)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_files_skip_comments_and_blanks() {
+        let text = "# header\nabc\n\n  def  # trailing comment\n#ghi\r\njkl\r\n";
+        let ids: Vec<&str> = parse_task_file(text).collect();
+        assert_eq!(ids, ["abc", "def", "jkl"]);
+    }
+}

@@ -1,0 +1,91 @@
+//! `POST /webhooks/{provider}?token=...`: provider callbacks.
+//!
+//! A callback is parsed completely before anything changes; a valid one is applied like a
+//! poll answer and then confirmed by one poll (callbacks carry no signature).
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::AppState;
+use crate::registry::{Source, TrackOutcome};
+use crate::task::now_millis;
+
+#[derive(Debug, Deserialize)]
+pub struct WebhookQuery {
+    token: Option<String>,
+}
+
+pub async fn receive(
+    State(app): State<AppState>,
+    Path(provider): Path<String>,
+    Query(query): Query<WebhookQuery>,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    let count = |provider: &str, outcome: &str| {
+        app.metrics
+            .webhooks
+            .with_label_values(&[provider, outcome])
+            .inc();
+    };
+    // Only configured names become label values: the path is attacker-controlled.
+    let runtime = app.with_runtime(&provider, |rt| {
+        (
+            rt.settings.webhook_token.clone(),
+            rt.adapter.clone(),
+            rt.tasks.clone(),
+        )
+    });
+    let Some((Some(token), adapter, tasks)) = runtime else {
+        let label = if runtime.is_some() {
+            provider.as_str()
+        } else {
+            ""
+        };
+        count(label, "unknown_provider");
+        return (StatusCode::NOT_FOUND, "no webhook for this provider\n").into_response();
+    };
+    if !token.matches(query.token.as_deref().unwrap_or("")) {
+        count(&provider, "unauthorized");
+        tracing::warn!(provider, "webhook with a missing or wrong token");
+        return (StatusCode::UNAUTHORIZED, "missing or wrong token\n").into_response();
+    }
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            count(&provider, "too_large");
+            tracing::warn!(provider, error = %rejection.body_text(), "webhook body refused");
+            return (StatusCode::PAYLOAD_TOO_LARGE, "body too large\n").into_response();
+        }
+    };
+    let observation = match adapter.parse_webhook(&body) {
+        Ok(obs) => obs,
+        Err(failure) => {
+            count(&provider, "invalid");
+            tracing::warn!(provider, error = %failure.message, "webhook body is not a task");
+            return (StatusCode::BAD_REQUEST, "body is not a task callback\n").into_response();
+        }
+    };
+    let now = now_millis();
+    match tasks.track(&observation.task_id, Source::Webhook, now) {
+        TrackOutcome::Invalid => {
+            count(&provider, "invalid");
+            return (StatusCode::BAD_REQUEST, "invalid task id\n").into_response();
+        }
+        TrackOutcome::NotOwned => {
+            count(&provider, "other_shard");
+            return (StatusCode::ACCEPTED, "task belongs to another shard\n").into_response();
+        }
+        TrackOutcome::Remembered => {
+            count(&provider, "already_finished");
+            return (StatusCode::OK, "task already finished\n").into_response();
+        }
+        TrackOutcome::New | TrackOutcome::Known => {}
+    }
+    tasks.observe(&observation, now);
+    tasks.poll_soon(&observation.task_id, now);
+    count(&provider, "accepted");
+    (StatusCode::OK, "accepted\n").into_response()
+}

@@ -1,0 +1,111 @@
+//! The persister: every few hundred milliseconds it takes what the registry changed,
+//! commits it with the counter totals it moved, and only then publishes the counters.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::metrics::{Metrics, Staged};
+use crate::registry::Registry;
+use crate::store::{Batch, Store};
+use crate::task::now_millis;
+
+/// How often changes are committed: small enough that counters look live, large enough
+/// that thousands of answers a second become a handful of transactions.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+
+pub struct Persister {
+    store: Arc<Store>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    /// A batch whose commit failed: retried before anything new is taken.
+    failed: Option<(Batch, Staged)>,
+    last_upstream_rows: Vec<(String, Vec<u8>)>,
+}
+
+impl Persister {
+    pub fn new(store: Arc<Store>, registry: Arc<Registry>, metrics: Arc<Metrics>) -> Self {
+        Persister {
+            store,
+            registry,
+            metrics,
+            failed: None,
+            last_upstream_rows: Vec::new(),
+        }
+    }
+
+    /// Flushes forever, every [`FLUSH_INTERVAL`].
+    pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.flush().await;
+        }
+    }
+
+    /// Commits pending changes and publishes their counters. Returns false when the commit
+    /// failed (it is retried on the next call).
+    pub async fn flush(&mut self) -> bool {
+        let (batch, staged) = match self.failed.take() {
+            Some(retry) => retry,
+            None => self.collect(),
+        };
+        if batch.is_empty() {
+            self.metrics.accounting.publish(staged);
+            return true;
+        }
+        let store = self.store.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            let result = store.commit(&batch);
+            (batch, result)
+        })
+        .await;
+        match committed {
+            Ok((_, Ok(()))) => {
+                self.metrics.accounting.publish(staged);
+                true
+            }
+            Ok((batch, Err(e))) => {
+                tracing::error!(error = %e, rows = batch.len(), "state commit failed; retrying");
+                self.metrics
+                    .store_errors
+                    .with_label_values(&["commit"])
+                    .inc();
+                self.failed = Some((batch, staged));
+                false
+            }
+            Err(join_error) => {
+                tracing::error!(error = %join_error, "state commit task failed");
+                false
+            }
+        }
+    }
+
+    /// Takes every provider's pending work into one batch.
+    fn collect(&mut self) -> (Batch, Staged) {
+        let now = now_millis();
+        let mut batch = Batch::default();
+        let mut staged = Staged::default();
+        for provider in self.registry.providers() {
+            provider.sweep(now);
+            let pending = provider.take_pending();
+            batch.put_tasks.extend(pending.batch.put_tasks);
+            batch.delete_tasks.extend(pending.batch.delete_tasks);
+            batch.put_tombstones.extend(pending.batch.put_tombstones);
+            batch
+                .delete_tombstones
+                .extend(pending.batch.delete_tombstones);
+            self.metrics
+                .accounting
+                .stage(&mut staged, provider.name(), &pending.events);
+        }
+        batch.put_counters = self.metrics.accounting.encode(&staged);
+        // Upstream counters ride along when they moved.
+        let upstream = self.metrics.upstream_rows();
+        if upstream != self.last_upstream_rows {
+            batch.put_counters.extend(upstream.iter().cloned());
+            self.last_upstream_rows = upstream;
+        }
+        (batch, staged)
+    }
+}

@@ -1,0 +1,453 @@
+//! The HTTP client side of one provider: rate limit, concurrency limit, rate-limit pauses,
+//! bounded bodies, and the upstream metrics. It knows nothing of wire formats: adapters
+//! interpret the `(status, body)` it returns.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::Semaphore;
+
+use crate::config::ProviderSettings;
+use crate::metrics::Metrics;
+use crate::providers::{FailureClass, UpstreamFailure};
+use crate::secret::Secret;
+use crate::task::{MAX_TEXT_LEN, truncate};
+
+/// Largest upstream body we read. Task answers are a few KiB and a history page of 50 items
+/// some 30 KiB; anything larger is refused without being buffered whole.
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// Longest pause a `Retry-After` may impose; a hostile or broken value must not stop us for days.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// Back-off after a 429/503 without `Retry-After`: 1 s doubling to 60 s, with jitter.
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Consecutive failed exchanges (5xx, transport, undecodable) before `provider_up` goes to 0.
+const DOWN_AFTER_FAILURES: u32 = 3;
+
+/// Which upstream endpoint (`endpoint` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Task,
+    History,
+    Balance,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Task => "task",
+            Endpoint::History => "history",
+            Endpoint::Balance => "balance",
+        }
+    }
+}
+
+/// An exchange that produced no HTTP answer we could read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    #[error("request timed out")]
+    Timeout,
+    #[error("could not connect")]
+    Connect,
+    #[error("connection failed while reading or writing")]
+    Io,
+}
+
+impl TransportError {
+    /// The `code` label value.
+    pub fn code(self) -> &'static str {
+        match self {
+            TransportError::Timeout => "timeout",
+            TransportError::Connect => "connect_error",
+            TransportError::Io => "io_error",
+        }
+    }
+}
+
+/// An HTTP answer. `body` is `None` when it was larger than [`MAX_BODY_BYTES`].
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Option<Bytes>,
+}
+
+/// What the landing page shows of a provider's upstream.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamStatus {
+    pub up: bool,
+    pub last_success: Option<SystemTime>,
+    pub last_error: Option<String>,
+    pub requests: u64,
+}
+
+/// Spaces requests evenly at `requests_per_second` (a token bucket of depth one: no bursts
+/// above the configured rate, which is what a provider's own limiter measures).
+#[derive(Debug)]
+struct RateLimiter {
+    period: Duration,
+    next: Mutex<Instant>,
+}
+
+impl RateLimiter {
+    fn new(requests_per_second: f64) -> Self {
+        RateLimiter {
+            period: Duration::from_secs_f64(1.0 / requests_per_second),
+            next: Mutex::new(Instant::now()),
+        }
+    }
+
+    async fn acquire(&self) {
+        let slot = {
+            let mut next = self.next.lock().expect("rate limiter lock");
+            let now = Instant::now();
+            let slot = (*next).max(now);
+            *next = slot + self.period;
+            slot
+        };
+        tokio::time::sleep_until(slot.into()).await;
+    }
+}
+
+/// Installs the process-wide rustls crypto provider (ring) once.
+pub fn install_crypto_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Err only means another provider was installed first, which is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// The shared HTTP client. Redirects are followed only within the same origin, so the
+/// bearer token is never sent to another host.
+pub fn build_client() -> reqwest::Client {
+    install_crypto_provider();
+    let policy = reqwest::redirect::Policy::custom(|attempt| {
+        let same_origin = attempt
+            .previous()
+            .first()
+            .is_some_and(|first| first.origin() == attempt.url().origin());
+        if attempt.previous().len() > 3 || !same_origin {
+            attempt.stop()
+        } else {
+            attempt.follow()
+        }
+    });
+    reqwest::Client::builder()
+        .user_agent(concat!("genai-task-exporter/", env!("CARGO_PKG_VERSION")))
+        .redirect(policy)
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()
+        .expect("HTTP client configuration is static and valid")
+}
+
+/// One provider's upstream.
+#[derive(Debug)]
+pub struct Upstream {
+    provider: String,
+    base_url: String,
+    token: Secret,
+    timeout: Duration,
+    http: reqwest::Client,
+    limiter: RateLimiter,
+    pub permits: Arc<Semaphore>,
+    pause_until: Mutex<Option<Instant>>,
+    throttles_in_a_row: AtomicU32,
+    failures_in_a_row: AtomicU32,
+    metrics: Arc<Metrics>,
+    status: Mutex<UpstreamStatus>,
+}
+
+impl Upstream {
+    pub fn new(settings: &ProviderSettings, http: reqwest::Client, metrics: Arc<Metrics>) -> Self {
+        Upstream {
+            provider: settings.name.clone(),
+            base_url: settings.base_url.clone(),
+            token: settings.token.clone(),
+            timeout: settings.polling.timeout,
+            http,
+            limiter: RateLimiter::new(settings.polling.requests_per_second),
+            permits: Arc::new(Semaphore::new(settings.polling.max_concurrency as usize)),
+            pause_until: Mutex::new(None),
+            throttles_in_a_row: AtomicU32::new(0),
+            failures_in_a_row: AtomicU32::new(0),
+            metrics,
+            // Down until the first valid answer, like `genai_exporter_provider_up`.
+            status: Mutex::new(UpstreamStatus::default()),
+        }
+    }
+
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    pub fn status(&self) -> UpstreamStatus {
+        self.status.lock().expect("status lock").clone()
+    }
+
+    /// Sends `GET base_url + path`, waiting for a rate-limit slot and any pause first.
+    /// The caller holds a concurrency permit (`permits`).
+    pub async fn get(&self, endpoint: Endpoint, path: &str) -> Result<Answer, TransportError> {
+        self.wait_for_pause().await;
+        self.limiter.acquire().await;
+        let url = format!("{}{}", self.base_url, path);
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, self.exchange(&url)).await;
+        let result = match result {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Timeout),
+        };
+        let code = match &result {
+            Ok(answer) => answer.status.to_string(),
+            Err(e) => e.code().to_string(),
+        };
+        self.metrics
+            .upstream_duration
+            .with_label_values(&[&self.provider, endpoint.as_str()])
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .upstream_requests
+            .with_label_values(&[&self.provider, endpoint.as_str(), &code])
+            .inc();
+        self.status.lock().expect("status lock").requests += 1;
+        match &result {
+            Ok(answer) if answer.status == 429 || answer.status == 503 => {
+                self.throttled(answer);
+            }
+            Ok(_) => self.throttles_in_a_row.store(0, Ordering::Relaxed),
+            Err(e) => {
+                tracing::debug!(provider = %self.provider, endpoint = endpoint.as_str(), error = %e, "upstream request failed");
+                self.record_failure(format!("{} request: {e}", endpoint.as_str()));
+            }
+        }
+        result
+    }
+
+    async fn exchange(&self, url: &str) -> Result<Answer, TransportError> {
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(self.token.expose())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(classify_reqwest_error)?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        if let Some(pause) = retry_after.filter(|_| status == 429 || status == 503) {
+            self.pause_for(pause);
+        }
+        let body = read_capped(response, MAX_BODY_BYTES).await?;
+        Ok(Answer { status, body })
+    }
+
+    /// Pauses the provider after a 429/503: `Retry-After` when it came (already applied in
+    /// `exchange`), else exponential back-off with jitter.
+    fn throttled(&self, answer: &Answer) {
+        let n = self.throttles_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        let has_pause = self
+            .pause_until
+            .lock()
+            .expect("pause lock")
+            .is_some_and(|until| until > Instant::now());
+        if !has_pause {
+            let exp = BACKOFF_BASE.saturating_mul(1u32 << (n - 1).min(10));
+            let capped = exp.min(BACKOFF_MAX);
+            let jittered = capped.mul_f64(0.5 + fastrand::f64() * 0.5);
+            self.pause_for(jittered);
+        }
+        tracing::info!(
+            provider = %self.provider,
+            status = answer.status,
+            in_a_row = n,
+            "provider throttled us; pausing"
+        );
+    }
+
+    fn pause_for(&self, pause: Duration) {
+        let until = Instant::now() + pause.min(MAX_RETRY_AFTER);
+        let mut guard = self.pause_until.lock().expect("pause lock");
+        let until = guard.map_or(until, |current| current.max(until));
+        *guard = Some(until);
+        self.metrics.set_pause(&self.provider, until);
+    }
+
+    async fn wait_for_pause(&self) {
+        loop {
+            let until = *self.pause_until.lock().expect("pause lock");
+            match until {
+                Some(until) if until > Instant::now() => {
+                    tokio::time::sleep_until(until.into()).await
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Records how an answer was understood: API error metrics and provider health.
+    pub fn record_outcome(&self, endpoint: Endpoint, outcome: Result<(), &UpstreamFailure>) {
+        match outcome {
+            Ok(()) => self.record_success(),
+            Err(failure) => {
+                if let Some(error) = failure.api_error {
+                    self.metrics
+                        .upstream_errors
+                        .with_label_values(&[&self.provider, endpoint.as_str(), error])
+                        .inc();
+                }
+                let message = format!(
+                    "{} request: {}",
+                    endpoint.as_str(),
+                    self.token.redact(&failure.message)
+                );
+                match failure.class {
+                    FailureClass::Unauthorized => {
+                        self.failures_in_a_row
+                            .store(DOWN_AFTER_FAILURES, Ordering::Relaxed);
+                        self.set_down(message);
+                    }
+                    FailureClass::ServerError | FailureClass::InvalidResponse => {
+                        self.record_failure(message)
+                    }
+                    FailureClass::RateLimited => {
+                        self.status.lock().expect("status lock").last_error = Some(message);
+                    }
+                    // The provider answered sensibly about this one request.
+                    FailureClass::NotFound | FailureClass::ClientError => {
+                        self.record_success();
+                        self.status.lock().expect("status lock").last_error = Some(message);
+                    }
+                }
+            }
+        }
+    }
+
+    fn record_success(&self) {
+        self.failures_in_a_row.store(0, Ordering::Relaxed);
+        let now = SystemTime::now();
+        let mut status = self.status.lock().expect("status lock");
+        status.up = true;
+        status.last_success = Some(now);
+        self.metrics
+            .provider_up
+            .with_label_values(&[&self.provider])
+            .set(1);
+        self.metrics
+            .last_poll_success
+            .with_label_values(&[&self.provider])
+            .set(
+                now.duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64(),
+            );
+    }
+
+    fn record_failure(&self, message: String) {
+        let n = self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= DOWN_AFTER_FAILURES {
+            self.set_down(message);
+        } else {
+            self.status.lock().expect("status lock").last_error = Some(message);
+        }
+    }
+
+    fn set_down(&self, message: String) {
+        let mut status = self.status.lock().expect("status lock");
+        if status.up {
+            tracing::warn!(provider = %self.provider, error = %message, "provider is down");
+        }
+        status.up = false;
+        status.last_error = Some(truncate(&message, MAX_TEXT_LEN));
+        self.metrics
+            .provider_up
+            .with_label_values(&[&self.provider])
+            .set(0);
+    }
+}
+
+fn classify_reqwest_error(e: reqwest::Error) -> TransportError {
+    if e.is_timeout() {
+        TransportError::Timeout
+    } else if e.is_connect() {
+        TransportError::Connect
+    } else {
+        TransportError::Io
+    }
+}
+
+/// Reads at most `cap` bytes of body; `None` when the body is larger (checked against
+/// `Content-Length` first, then while streaming, so a huge body is never buffered whole).
+async fn read_capped(
+    mut response: reqwest::Response,
+    cap: usize,
+) -> Result<Option<Bytes>, TransportError> {
+    if response.content_length().is_some_and(|n| n > cap as u64) {
+        return Ok(None);
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(classify_reqwest_error)? {
+        if body.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body.freeze()))
+}
+
+/// `Retry-After`: delay-seconds or an HTTP date (RFC 9110 §10.2.3).
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_retry_after(" 0 "), Some(Duration::ZERO));
+        let future = SystemTime::now() + Duration::from_secs(30);
+        let d = parse_retry_after(&httpdate::fmt_http_date(future)).unwrap();
+        assert!(
+            d <= Duration::from_secs(30) && d >= Duration::from_secs(28),
+            "{d:?}"
+        );
+        let past = SystemTime::now() - Duration::from_secs(30);
+        assert_eq!(
+            parse_retry_after(&httpdate::fmt_http_date(past)),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon"), None);
+        assert_eq!(parse_retry_after("-5"), None);
+    }
+
+    #[tokio::test]
+    async fn rate_limiter_spaces_requests() {
+        let limiter = RateLimiter::new(50.0);
+        let start = Instant::now();
+        for _ in 0..6 {
+            limiter.acquire().await;
+        }
+        // Six slots at 20 ms spacing: the last starts 100 ms after the first.
+        assert!(
+            start.elapsed() >= Duration::from_millis(95),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+}

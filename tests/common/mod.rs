@@ -1,0 +1,379 @@
+//! Test harness: a scriptable fake upstream, the exporter started in-process on
+//! 127.0.0.1:0, and a parser for the text exposition format.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::Response;
+use genai_task_exporter::app::App;
+use genai_task_exporter::config::{self, Overrides};
+
+// ---------------------------------------------------------------------------------------
+// Fake upstream
+// ---------------------------------------------------------------------------------------
+
+/// One scripted answer.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Vec<u8>,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn json(status: u16, body: serde_json::Value) -> Reply {
+        Reply {
+            status,
+            headers: vec![("content-type", "application/json".into())],
+            body: body.to_string().into_bytes(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    pub fn raw(status: u16, body: impl Into<Vec<u8>>) -> Reply {
+        Reply {
+            status,
+            headers: vec![],
+            body: body.into(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub fn delayed(mut self, delay: Duration) -> Reply {
+        self.delay = delay;
+        self
+    }
+}
+
+#[derive(Default)]
+struct FakeState {
+    /// Answers per path, used in order; the last one repeats.
+    script: HashMap<String, VecDeque<Reply>>,
+    hits: Vec<(String, Instant, Option<String>)>,
+}
+
+/// A fake provider API on 127.0.0.1:0 that answers from a script.
+#[derive(Clone)]
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<FakeState>>,
+}
+
+impl FakeUpstream {
+    pub async fn start() -> FakeUpstream {
+        let state = Arc::new(Mutex::new(FakeState::default()));
+        let app = Router::new()
+            .fallback(fake_handler)
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        FakeUpstream { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Answers `path` with `replies` in order (the last one repeats).
+    pub fn script(&self, path: &str, replies: Vec<Reply>) {
+        self.state
+            .lock()
+            .unwrap()
+            .script
+            .insert(path.to_string(), replies.into());
+    }
+
+    /// Requests seen for `path`.
+    pub fn hits(&self, path: &str) -> Vec<Instant> {
+        self.state
+            .lock()
+            .unwrap()
+            .hits
+            .iter()
+            .filter(|(p, _, _)| p == path)
+            .map(|(_, t, _)| *t)
+            .collect()
+    }
+
+    /// Authorization headers seen, all paths.
+    pub fn authorizations(&self) -> Vec<Option<String>> {
+        self.state
+            .lock()
+            .unwrap()
+            .hits
+            .iter()
+            .map(|(_, _, a)| a.clone())
+            .collect()
+    }
+}
+
+async fn fake_handler(State(state): State<Arc<Mutex<FakeState>>>, req: Request) -> Response {
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let reply = {
+        let mut s = state.lock().unwrap();
+        s.hits.push((path.clone(), Instant::now(), auth));
+        match s.script.get_mut(&path) {
+            Some(queue) if queue.len() > 1 => queue.pop_front(),
+            Some(queue) => queue.front().cloned(),
+            None => None,
+        }
+    };
+    let reply = reply.unwrap_or_else(|| Reply::raw(404, "no script for this path"));
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    let mut response = Response::new(Body::from(reply.body));
+    *response.status_mut() = StatusCode::from_u16(reply.status).unwrap();
+    for (name, value) in reply.headers {
+        response
+            .headers_mut()
+            .insert(name, HeaderValue::from_str(&value).unwrap());
+    }
+    response
+}
+
+// ---------------------------------------------------------------------------------------
+// The exporter, in-process
+// ---------------------------------------------------------------------------------------
+
+pub struct Exporter {
+    pub addr: SocketAddr,
+    pub app: Arc<App>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Exporter {
+    /// Starts the exporter from YAML; `env` supplies the variables the YAML names.
+    pub async fn start(yaml: &str, env: &[(&str, &str)], state_dir: &Path) -> Exporter {
+        let yaml = format!("state:\n  path: {}\n{yaml}", state_dir.display());
+        let file = config::parse(&yaml).expect("test config parses");
+        let vars: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let lookup = move |name: &str| vars.get(name).cloned();
+        let settings =
+            config::resolve(file, Path::new("test.yaml"), &Overrides::default(), &lookup)
+                .expect("test config is valid");
+        let app = App::start(settings, None, Overrides::default())
+            .await
+            .expect("exporter starts");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = genai_task_exporter::http::router(app.clone());
+        let server = tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        Exporter { addr, app, server }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Scrapes `/metrics` over HTTP, after committing pending counts.
+    pub async fn scrape(&self) -> Scrape {
+        self.app.flush().await;
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        Scrape::parse(&text)
+    }
+
+    /// Scrapes until `check` holds, or panics after `timeout` showing the last page.
+    pub async fn wait_for(&self, timeout: Duration, check: impl Fn(&Scrape) -> bool) -> Scrape {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let scrape = self.scrape().await;
+            if check(&scrape) {
+                return scrape;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "condition not met within {timeout:?}; last scrape:\n{}",
+                    scrape.text
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn stop(self) {
+        self.server.abort();
+        self.app.shutdown().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Text exposition parsing
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Scrape {
+    pub text: String,
+    pub samples: Vec<Sample>,
+    pub types: HashMap<String, String>,
+}
+
+impl Scrape {
+    pub fn parse(text: &str) -> Scrape {
+        let mut samples = Vec::new();
+        let mut types = HashMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut parts = rest.split_whitespace();
+                types.insert(
+                    parts.next().unwrap().to_string(),
+                    parts.next().unwrap().to_string(),
+                );
+                continue;
+            }
+            if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            }
+            samples.push(parse_sample(line));
+        }
+        Scrape {
+            text: text.to_string(),
+            samples,
+            types,
+        }
+    }
+
+    /// The sample `name` whose labels include all of `labels`; panics if several match.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let matches: Vec<&Sample> = self.matching(name, labels).collect();
+        assert!(
+            matches.len() <= 1,
+            "{name} {labels:?} is ambiguous: {matches:?}"
+        );
+        matches.first().map(|s| s.value)
+    }
+
+    /// Sum of every sample `name` whose labels include all of `labels` (0 when none).
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels).map(|s| s.value).sum()
+    }
+
+    pub fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples.iter().filter(move |s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+}
+
+fn parse_sample(line: &str) -> Sample {
+    let (head, value) = line.rsplit_once(' ').expect("sample has a value");
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+    };
+    let (name, labels) = match head.split_once('{') {
+        None => (head.to_string(), BTreeMap::new()),
+        Some((name, rest)) => {
+            let body = rest.strip_suffix('}').expect("closing brace");
+            let mut labels = BTreeMap::new();
+            let mut rest = body;
+            while !rest.is_empty() {
+                let (key, after) = rest.split_once("=\"").expect("label");
+                let mut value = String::new();
+                let mut chars = after.char_indices();
+                let mut end = after.len();
+                while let Some((i, c)) = chars.next() {
+                    match c {
+                        '\\' => match chars.next().map(|(_, c)| c) {
+                            Some('n') => value.push('\n'),
+                            Some(c) => value.push(c),
+                            None => {}
+                        },
+                        '"' => {
+                            end = i + 1;
+                            break;
+                        }
+                        c => value.push(c),
+                    }
+                }
+                labels.insert(key.to_string(), value);
+                rest = after[end..].trim_start_matches(',');
+            }
+            (name.to_string(), labels)
+        }
+    };
+    Sample {
+        name,
+        labels,
+        value,
+    }
+}
+
+/// Runs `promtool check metrics` on a page; returns its complaints (empty when clean).
+pub fn promtool_check_metrics(text: &str) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed by the test command (scripts/test)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && complaints.trim().is_empty() {
+        String::new()
+    } else {
+        format!("exit {:?}: {complaints}", out.status.code())
+    }
+}
