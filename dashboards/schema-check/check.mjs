@@ -13,7 +13,7 @@
 //     metrics (the Metrics table of the contract), Prometheus' `up`, or recording rules defined in
 //     alerts/genai-task-exporter.rules.yml. Every raw metric in a dashboard is aggregated
 //     (`sum by`, `max by`, `sum without (instance, pod)`, ...), so replicas and shards add up.
-//  5. Every panel named in alerts/RUNBOOK.md (in *italics*) exists.
+//  5. Every panel named in README.md (in *italics*) exists.
 //
 // Usage: node check.mjs REPO_ROOT
 import fs from "node:fs";
@@ -65,7 +65,7 @@ const PROCESS_METRICS = [
 ];
 // Written by Prometheus itself for every target.
 const PROMETHEUS_METRICS = ["up"];
-// Series a user adds to the rule file (alerts/RUNBOOK.md, "Stuck-task threshold"); none ship.
+// Series a user adds to the rule file (README.md, "Stuck-task threshold"); none ship.
 const USER_RULES = ["provider:genai_task_stuck_threshold_override:seconds"];
 
 // Panel types the dashboards may use, and where their option types live in @grafana/schema.
@@ -324,11 +324,11 @@ for (const file of files) {
 
 // --- the runbook names panels that exist ---------------------------------------------------------
 const runbook = fs
-  .readFileSync(path.join(root, "alerts/RUNBOOK.md"), "utf8")
+  .readFileSync(path.join(root, "README.md"), "utf8")
   .replace(/```[\s\S]*?```/g, "")
   .replace(/`[^`\n]*`/g, "");
 for (const m of runbook.matchAll(/(?<![*\w])\*([^*\n]+)\*(?![*\w])/g)) {
-  if (!titles.has(m[1])) problem("alerts/RUNBOOK.md", `names panel *${m[1]}*, which no dashboard has`);
+  if (!titles.has(m[1])) problem("README.md", `names panel *${m[1]}*, which no dashboard has`);
 }
 
 if (problems.length > 0) {
