@@ -2,6 +2,7 @@
 //! bounded bodies, and the upstream metrics. It knows nothing of wire formats: adapters
 //! interpret the `(status, body)` it returns.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant, SystemTime};
@@ -104,9 +105,14 @@ impl RateLimiter {
             let now = Instant::now();
             let slot = (*next).max(now);
             *next = slot + self.period;
-            slot
+            (slot > now).then_some(slot)
         };
-        tokio::time::sleep_until(slot.into()).await;
+        // A slot that is already here needs no timer: tokio's timer rounds a deadline up to
+        // its next millisecond tick, which would delay every request under the limit by up
+        // to a millisecond.
+        if let Some(slot) = slot {
+            tokio::time::sleep_until(slot.into()).await;
+        }
     }
 }
 
@@ -148,7 +154,12 @@ pub fn build_client() -> reqwest::Client {
 pub struct Upstream {
     provider: String,
     base_url: String,
+    /// `base_url` parsed once, when it has no query or fragment (request URLs are then built
+    /// by setting the path, not by parsing the whole URL again for every request).
+    base: Option<reqwest::Url>,
     token: Secret,
+    /// `Bearer <token>`, built once (when the token is a valid header value).
+    authorization: Option<reqwest::header::HeaderValue>,
     timeout: Duration,
     http: reqwest::Client,
     limiter: RateLimiter,
@@ -162,10 +173,22 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(settings: &ProviderSettings, http: reqwest::Client, metrics: Arc<Metrics>) -> Self {
+        let base = reqwest::Url::parse(&settings.base_url)
+            .ok()
+            .filter(|u| u.query().is_none() && u.fragment().is_none() && !u.cannot_be_a_base());
+        let authorization =
+            reqwest::header::HeaderValue::try_from(format!("Bearer {}", settings.token.expose()))
+                .ok()
+                .map(|mut v| {
+                    v.set_sensitive(true);
+                    v
+                });
         Upstream {
             provider: settings.name.clone(),
             base_url: settings.base_url.clone(),
+            base,
             token: settings.token.clone(),
+            authorization,
             timeout: settings.polling.timeout,
             http,
             limiter: RateLimiter::new(settings.polling.requests_per_second),
@@ -192,16 +215,15 @@ impl Upstream {
     pub async fn get(&self, endpoint: Endpoint, path: &str) -> Result<Answer, TransportError> {
         self.wait_for_pause().await;
         self.limiter.acquire().await;
-        let url = format!("{}{}", self.base_url, path);
         let started = Instant::now();
-        let result = tokio::time::timeout(self.timeout, self.exchange(&url)).await;
+        let result = tokio::time::timeout(self.timeout, self.exchange(path)).await;
         let result = match result {
             Ok(r) => r,
             Err(_) => Err(TransportError::Timeout),
         };
         let code = match &result {
-            Ok(answer) => answer.status.to_string(),
-            Err(e) => e.code().to_string(),
+            Ok(answer) => status_label(answer.status),
+            Err(e) => Cow::Borrowed(e.code()),
         };
         self.metrics
             .upstream_duration
@@ -225,15 +247,26 @@ impl Upstream {
         result
     }
 
-    async fn exchange(&self, url: &str) -> Result<Answer, TransportError> {
-        let response = self
+    /// `base_url` + `path` (path and query, as adapters build them).
+    fn url(&self, path: &str) -> Result<reqwest::Url, TransportError> {
+        match &self.base {
+            Some(base) => Ok(join_url(base, path)),
+            // What reqwest reports for a URL it cannot parse.
+            None => reqwest::Url::parse(&format!("{}{}", self.base_url, path))
+                .map_err(|_| TransportError::Io),
+        }
+    }
+
+    async fn exchange(&self, path: &str) -> Result<Answer, TransportError> {
+        let request = self
             .http
-            .get(url)
-            .bearer_auth(self.token.expose())
-            .header(reqwest::header::ACCEPT, "application/json")
-            .send()
-            .await
-            .map_err(classify_reqwest_error)?;
+            .get(self.url(path)?)
+            .header(reqwest::header::ACCEPT, "application/json");
+        let request = match &self.authorization {
+            Some(value) => request.header(reqwest::header::AUTHORIZATION, value.clone()),
+            None => request.bearer_auth(self.token.expose()),
+        };
+        let response = request.send().await.map_err(classify_reqwest_error)?;
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -371,6 +404,50 @@ impl Upstream {
     }
 }
 
+/// `base` (no query, no fragment) followed by `path` (an absolute path, maybe with a query):
+/// the URL `Url::parse(base + path)` gives, without parsing scheme and host again.
+fn join_url(base: &reqwest::Url, path: &str) -> reqwest::Url {
+    let (path, query) = match path.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path, None),
+    };
+    let mut url = base.clone();
+    if base.path() == "/" {
+        url.set_path(path);
+    } else {
+        url.set_path(&format!("{}{path}", base.path()));
+    }
+    url.set_query(query);
+    url
+}
+
+/// The `code` label of an HTTP status, without an allocation for the usual ones.
+fn status_label(status: u16) -> Cow<'static, str> {
+    Cow::Borrowed(match status {
+        200 => "200",
+        201 => "201",
+        202 => "202",
+        204 => "204",
+        301 => "301",
+        302 => "302",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        408 => "408",
+        409 => "409",
+        410 => "410",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        other => return Cow::Owned(other.to_string()),
+    })
+}
+
 fn classify_reqwest_error(e: reqwest::Error) -> TransportError {
     if e.is_timeout() {
         TransportError::Timeout
@@ -416,6 +493,30 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_urls_are_what_parsing_the_whole_url_gives() {
+        for base in [
+            "http://127.0.0.1:8080",
+            "https://api.maxapi.io",
+            "https://gateway.example/prefix",
+            "https://gateway.example/a/b",
+        ] {
+            let parsed = reqwest::Url::parse(base).unwrap();
+            for path in [
+                "/api/v1/task/9db7d1ed-d1e5-4d11-9f3a-61f653b905ad",
+                "/api/v1/images/img_01HQ9M7XJQ7PZ3GQ9F6C5W3N2M",
+                "/api/v1/task/a%2Fb%3Fc%23d%20e%25",
+                "/api/v1/history/images?page=2&limit=50",
+                "/api/v1/account/balances",
+            ] {
+                let expected = reqwest::Url::parse(&format!("{base}{path}")).unwrap();
+                assert_eq!(join_url(&parsed, path), expected, "{base} {path}");
+            }
+        }
+        assert_eq!(status_label(200), "200");
+        assert_eq!(status_label(418), "418");
+    }
 
     #[test]
     fn retry_after_seconds_and_dates() {
