@@ -16,7 +16,7 @@ use crate::persist::Persister;
 use crate::poller;
 use crate::providers::{Adapter, apimall::Apimall, maxapi::Maxapi};
 use crate::registry::{ProviderTasks, Registry};
-use crate::store::{self, Snapshot, Store, StoreError};
+use crate::store::{self, Store, StoreError};
 use crate::task::now_millis;
 use crate::upstream::{Upstream, UpstreamStatus, build_client};
 
@@ -108,14 +108,14 @@ impl App {
 
         let state_path = settings.state_path.clone();
         let started = std::time::Instant::now();
-        let (store, snapshot) = tokio::task::spawn_blocking(move || {
+        let (store, counters) = tokio::task::spawn_blocking(move || {
             let store = Store::open(&state_path)?;
-            let snapshot = store.load()?;
-            Ok::<_, StoreError>((store, snapshot))
+            let counters = store.load_counters()?;
+            Ok::<_, StoreError>((store, counters))
         })
         .await??;
         let store = Arc::new(store);
-        metrics.restore(&snapshot.counters);
+        metrics.restore(&counters);
 
         let persister = Persister::new(store.clone(), registry.clone(), metrics.clone());
         let app = Arc::new(App {
@@ -133,26 +133,22 @@ impl App {
             reload_lock: tokio::sync::Mutex::new(()),
         });
 
-        let mut by_provider: HashMap<String, Snapshot> = HashMap::new();
-        for (key, record) in snapshot.tasks {
-            if let Some((provider, _)) = store::split_task_key(&key) {
-                let entry = by_provider.entry(provider.to_string()).or_default();
-                entry.tasks.push((key, record));
+        // Rows are read in place, straight into the registry (rows of providers no longer
+        // configured are not read at all).
+        let providers: Vec<Arc<ProviderTasks>> = settings
+            .providers
+            .iter()
+            .map(|p| app.registry.provider_or_insert(&p.name, &p.polling))
+            .collect();
+        let store_for_restore = app.store.clone();
+        let restored = tokio::task::spawn_blocking(move || {
+            let mut restored = 0;
+            for tasks in &providers {
+                restored += restore_provider(&store_for_restore, tasks)?;
             }
-        }
-        for (key, last) in snapshot.tombstones {
-            if let Some((provider, _)) = store::split_task_key(&key) {
-                let entry = by_provider.entry(provider.to_string()).or_default();
-                entry.tombstones.push((key, last));
-            }
-        }
-        let mut restored = 0;
-        for p in &settings.providers {
-            let tasks = app.registry.provider_or_insert(&p.name, &p.polling);
-            if let Some(snap) = by_provider.remove(&p.name) {
-                restored += restore_into(&tasks, &snap);
-            }
-        }
+            Ok::<_, StoreError>(restored)
+        })
+        .await??;
         tracing::info!(
             tasks = restored,
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -215,10 +211,8 @@ impl App {
                 None => {
                     let tasks = self.registry.provider_or_insert(&p.name, &p.polling);
                     // A provider (re)added by reload continues from its stored tasks.
-                    match self.store.load_provider(&p.name) {
-                        Ok(snap) => {
-                            restore_into(&tasks, &snap);
-                        }
+                    match restore_provider(&self.store, &tasks) {
+                        Ok(_) => {}
                         Err(e) => {
                             tracing::error!(provider = %p.name, error = %e, "cannot load stored tasks")
                         }
@@ -400,7 +394,7 @@ impl App {
         }
         let mut persister = self.persister.lock().await;
         for _ in 0..3 {
-            if persister.flush().await {
+            if persister.flush_all().await {
                 break;
             }
         }
@@ -409,30 +403,32 @@ impl App {
 
     /// Commits pending changes now (tests and shutdown).
     pub async fn flush(&self) {
-        self.persister.lock().await.flush().await;
+        self.persister.lock().await.flush_all().await;
     }
 }
 
-fn restore_into(tasks: &ProviderTasks, snap: &Snapshot) -> usize {
+/// Restores the stored tasks and tombstones of one provider; returns how many tasks.
+fn restore_provider(store: &Store, tasks: &ProviderTasks) -> Result<usize, StoreError> {
     let now = now_millis();
+    let mut restorer = tasks.restorer();
     let mut restored = 0;
-    for (key, record) in &snap.tasks {
+    store.for_each_task(tasks.name(), |key, record| {
         let Some((_, id)) = store::split_task_key(key) else {
-            continue;
+            return;
         };
-        match tasks.restore_task(id, record, now) {
+        match restorer.task(id, record, now) {
             Ok(()) => restored += 1,
             Err(e) => {
                 tracing::warn!(provider = tasks.name(), task = id, error = %e, "skipping stored task")
             }
         }
-    }
-    for (key, last) in &snap.tombstones {
+    })?;
+    store.for_each_tombstone(tasks.name(), |key, last| {
         if let Some((_, id)) = store::split_task_key(key) {
-            tasks.restore_tombstone(id, *last);
+            restorer.tombstone(id, last);
         }
-    }
-    restored
+    })?;
+    Ok(restored)
 }
 
 /// Whether a running provider can keep running unchanged under `new`.

@@ -47,9 +47,19 @@ impl Persister {
     /// Commits pending changes and publishes their counters. Returns false when the commit
     /// failed (it is retried on the next call).
     pub async fn flush(&mut self) -> bool {
+        self.flush_with(false).await
+    }
+
+    /// Like [`flush`](Self::flush), with the poll bookkeeping the registry otherwise writes
+    /// only once a minute (shutdown).
+    pub async fn flush_all(&mut self) -> bool {
+        self.flush_with(true).await
+    }
+
+    async fn flush_with(&mut self, everything: bool) -> bool {
         let (batch, staged) = match self.failed.take() {
             Some(retry) => retry,
-            None => self.collect(),
+            None => self.collect(everything),
         };
         if batch.is_empty() {
             self.metrics.accounting.publish(staged);
@@ -83,13 +93,17 @@ impl Persister {
     }
 
     /// Takes every provider's pending work into one batch.
-    fn collect(&mut self) -> (Batch, Staged) {
+    fn collect(&mut self, everything: bool) -> (Batch, Staged) {
         let now = now_millis();
         let mut batch = Batch::default();
         let mut staged = Staged::default();
         for provider in self.registry.providers() {
             provider.sweep(now);
-            let pending = provider.take_pending();
+            let pending = if everything {
+                provider.take_pending_all()
+            } else {
+                provider.take_pending()
+            };
             batch.put_tasks.extend(pending.batch.put_tasks);
             batch.delete_tasks.extend(pending.batch.delete_tasks);
             batch.put_tombstones.extend(pending.batch.put_tombstones);

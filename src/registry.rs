@@ -11,11 +11,18 @@
 //! Scrape-time gauges (`genai_tasks`, oldest in flight) are kept as counts updated on every
 //! transition, so a scrape costs O(models x statuses), not O(tasks).
 
+mod compact;
+
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, RwLock};
 
+use hashbrown::HashTable;
 use tokio::sync::Notify;
+
+use compact::{TaskId, UUID_LEN, WORD_OVERFLOW, Words};
 
 use crate::config::{Polling, Shard, is_valid_task_id};
 use crate::providers::{FailureClass, UpstreamFailure};
@@ -279,33 +286,249 @@ impl Policy {
 }
 
 const NEVER: i64 = i64::MAX;
+/// An absent time (the store records use the same sentinel).
+const NO_TIME: i64 = i64::MIN;
 
+fn some_time(t: i64) -> Option<i64> {
+    (t != NO_TIME).then_some(t)
+}
+
+/// [`Task::flags`]: the terminal outcome has been counted.
+const COUNTED: u8 = 1;
+/// Changed since the persister last took it; the slot is listed in `Inner::dirty`.
+const DIRTY: u8 = 2;
+/// Counted in `Inner::in_flight` under [`Task::in_flight_key`].
+const IN_FLIGHT: u8 = 4;
+/// Only poll bookkeeping changed (`last_polled`, `polls`, `not_found`, `last_error`); the
+/// slot is listed in `Inner::lazy`, written at most every [`BOOKKEEPING_FLUSH`].
+const LAZY: u8 = 8;
+
+/// How often tasks whose only change is poll bookkeeping are written. A poll that brings no
+/// news changes nothing that is counted; writing its record anyway would rewrite every
+/// polled task every few hundred milliseconds (most polls of a long task bring no news).
+/// A crash loses at most this much bookkeeping: a task is then polled a little sooner than
+/// its back-off said. A clean shutdown writes it all (`take_pending_all`).
+const BOOKKEEPING_FLUSH: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// One tracked task, 128 bytes. Times are Unix milliseconds with [`NO_TIME`] for "absent",
+/// the id is stored inline (see [`TaskId`]), the upstream status word is an index into the
+/// provider's [`Words`], and values most tasks never have live in `extra`.
 #[derive(Debug)]
 struct Task {
-    id: Arc<str>,
-    generation: u32,
-    model: u16,
-    status: Status,
-    upstream_status: Box<str>,
-    source: Source,
-    created_at: Option<i64>,
-    updated_at: Option<i64>,
-    completed_at: Option<i64>,
+    created_at: i64,
+    updated_at: i64,
+    completed_at: i64,
     first_seen: i64,
-    last_polled: Option<i64>,
+    last_polled: i64,
+    /// Due time of the next poll; [`NEVER`] when none is planned.
     next_poll: i64,
-    polls: u32,
-    not_found: u16,
-    not_found_since: i64,
-    counted: bool,
+    finished_at: i64,
     credits_used: f64,
     credits_refunded: f64,
+    id: TaskId,
+    extra: Option<Box<Extra>>,
+    generation: u32,
+    polls: u32,
+    model: u16,
+    /// Index in `Inner::words`, or [`WORD_OVERFLOW`] with the word in `extra`.
+    upstream_status: u16,
+    not_found: u16,
+    status: Status,
+    source: Source,
     failure_reason: Option<FailureReason>,
-    finished_at: Option<i64>,
+    flags: u8,
+}
+
+/// The rarely set values of a task, allocated only while one of them is set.
+#[derive(Debug, Default)]
+struct Extra {
+    /// Start of the current run of "not found" answers (meaningful while `not_found > 0`).
+    not_found_since: i64,
+    upstream_status: Option<Box<str>>,
     error_message: Option<Box<str>>,
     last_error: Option<Box<str>>,
-    /// Key under which this task sits in `in_flight` (its creation time), if it does.
-    in_flight_key: Option<i64>,
+}
+
+impl Extra {
+    fn is_empty(&self) -> bool {
+        self.not_found_since == 0
+            && self.upstream_status.is_none()
+            && self.error_message.is_none()
+            && self.last_error.is_none()
+    }
+}
+
+impl Task {
+    fn new(id: TaskId, source: Source, first_seen: i64, generation: u32) -> Self {
+        Task {
+            created_at: NO_TIME,
+            updated_at: NO_TIME,
+            completed_at: NO_TIME,
+            first_seen,
+            last_polled: NO_TIME,
+            next_poll: NEVER,
+            finished_at: NO_TIME,
+            credits_used: 0.0,
+            credits_refunded: 0.0,
+            id,
+            extra: None,
+            generation,
+            polls: 0,
+            model: 0,
+            upstream_status: 0,
+            not_found: 0,
+            status: Status::Unknown,
+            source,
+            failure_reason: None,
+            flags: 0,
+        }
+    }
+
+    fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    fn set(&mut self, flag: u8, on: bool) {
+        if on {
+            self.flags |= flag;
+        } else {
+            self.flags &= !flag;
+        }
+    }
+
+    /// Key of this task in `Inner::in_flight`: its creation time, else when we first saw it.
+    fn in_flight_key(&self) -> i64 {
+        if self.created_at != NO_TIME {
+            self.created_at
+        } else {
+            self.first_seen
+        }
+    }
+
+    fn extra(&self) -> Option<&Extra> {
+        self.extra.as_deref()
+    }
+
+    fn update_extra(&mut self, f: impl FnOnce(&mut Extra)) {
+        let extra = self.extra.get_or_insert_with(Box::default);
+        f(extra);
+        if extra.is_empty() {
+            self.extra = None;
+        }
+    }
+
+    fn not_found_since(&self) -> i64 {
+        self.extra().map_or(0, |e| e.not_found_since)
+    }
+
+    fn set_not_found_since(&mut self, at: i64) {
+        if at != self.not_found_since() {
+            self.update_extra(|e| e.not_found_since = at);
+        }
+    }
+
+    fn error_message(&self) -> Option<&str> {
+        self.extra().and_then(|e| e.error_message.as_deref())
+    }
+
+    /// Returns whether the message changed.
+    fn set_error_message(&mut self, message: Option<&str>) -> bool {
+        let changed = message != self.error_message();
+        if changed {
+            self.update_extra(|e| e.error_message = message.map(Box::from));
+        }
+        changed
+    }
+
+    fn last_error(&self) -> Option<&str> {
+        self.extra().and_then(|e| e.last_error.as_deref())
+    }
+
+    fn set_last_error(&mut self, error: Option<&str>) {
+        if error != self.last_error() {
+            self.update_extra(|e| e.last_error = error.map(Box::from));
+        }
+    }
+
+    fn upstream_status<'a>(&'a self, words: &'a Words) -> &'a str {
+        if self.upstream_status == WORD_OVERFLOW {
+            self.extra()
+                .and_then(|e| e.upstream_status.as_deref())
+                .unwrap_or("")
+        } else {
+            words.get(self.upstream_status)
+        }
+    }
+
+    /// Returns whether the word changed.
+    fn set_upstream_status(&mut self, words: &mut Words, word: &str) -> bool {
+        let i = words.intern(word);
+        let mut changed = i != self.upstream_status;
+        self.upstream_status = i;
+        if i == WORD_OVERFLOW {
+            if self.extra().and_then(|e| e.upstream_status.as_deref()) != Some(word) {
+                self.update_extra(|e| e.upstream_status = Some(word.into()));
+                changed = true;
+            }
+        } else if self.extra().is_some_and(|e| e.upstream_status.is_some()) {
+            self.update_extra(|e| e.upstream_status = None);
+        }
+        changed
+    }
+
+    /// The record's values other than poll bookkeeping and text, to tell whether an answer
+    /// changed anything worth writing now.
+    fn record_state(&self) -> RecordState {
+        RecordState {
+            times: [
+                self.created_at,
+                self.updated_at,
+                self.completed_at,
+                self.finished_at,
+            ],
+            credits: [self.credits_used.to_bits(), self.credits_refunded.to_bits()],
+            model: self.model,
+            status: self.status,
+            failure_reason: self.failure_reason,
+            counted: self.has(COUNTED),
+        }
+    }
+}
+
+#[derive(PartialEq)]
+struct RecordState {
+    times: [i64; 4],
+    credits: [u64; 2],
+    model: u16,
+    status: Status,
+    failure_reason: Option<FailureReason>,
+    counted: bool,
+}
+
+/// A schedule entry: due time and slot in 12 bytes, ordered by due time, then slot. It is
+/// live while the task in the slot is due at exactly that time (`Task::next_poll`); a
+/// rescheduled or removed task leaves a stale entry behind, skipped when it surfaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Due {
+    hi: u32,
+    lo: u32,
+    slot: u32,
+}
+
+impl Due {
+    /// `due` must not be negative (see `Inner::schedule_at`).
+    fn new(due: i64, slot: u32) -> Self {
+        let d = due as u64;
+        Due {
+            hi: (d >> 32) as u32,
+            lo: d as u32,
+            slot,
+        }
+    }
+
+    fn due(self) -> i64 {
+        (u64::from(self.hi) << 32 | u64::from(self.lo)) as i64
+    }
 }
 
 #[derive(Debug)]
@@ -316,19 +539,25 @@ struct Inner {
     slots: Vec<Option<Task>>,
     free: Vec<u32>,
     next_generation: u32,
-    index: HashMap<Arc<str>, u32>,
-    /// (due time, slot, generation); stale entries are skipped when popped.
-    schedule: BinaryHeap<Reverse<(i64, u32, u32)>>,
+    /// Slots of live tasks, hashed by the id stored in the slot (the id is kept once).
+    index: HashTable<u32>,
+    hasher: RandomState,
+    schedule: BinaryHeap<Reverse<Due>>,
     /// (retention end, slot, generation) of finished tasks.
     expiry: BinaryHeap<Reverse<(i64, u32, u32)>>,
     models: ModelTable,
+    words: Words,
     /// Tasks per model index and status.
     counts: Vec<[u64; 7]>,
     /// Creation times of pending/running tasks, with multiplicity.
     in_flight: BTreeMap<i64, u32>,
-    tombstones: HashMap<Box<str>, i64>,
+    tombstones: HashMap<TaskId, i64>,
     // Persistence work not yet taken by the persister.
-    dirty: HashSet<u32>,
+    /// Slots whose task has the [`DIRTY`] flag (a slot may be listed more than once).
+    dirty: Vec<u32>,
+    /// Slots whose task has the [`LAZY`] flag, and when they were last written.
+    lazy: Vec<u32>,
+    lazy_written: std::time::Instant,
     deleted: Vec<String>,
     tombstones_put: Vec<(String, i64)>,
     tombstones_deleted: Vec<String>,
@@ -394,14 +623,18 @@ impl ProviderTasks {
                 slots: Vec::new(),
                 free: Vec::new(),
                 next_generation: 0,
-                index: HashMap::new(),
+                index: HashTable::new(),
+                hasher: RandomState::new(),
                 schedule: BinaryHeap::new(),
                 expiry: BinaryHeap::new(),
                 models: ModelTable::new(max_models),
+                words: Words::new(),
                 counts: vec![[0; 7]; 2],
                 in_flight: BTreeMap::new(),
                 tombstones: HashMap::new(),
-                dirty: HashSet::new(),
+                dirty: Vec::new(),
+                lazy: Vec::new(),
+                lazy_written: std::time::Instant::now(),
                 deleted: Vec::new(),
                 tombstones_put: Vec::new(),
                 tombstones_deleted: Vec::new(),
@@ -435,13 +668,13 @@ impl ProviderTasks {
     }
 
     pub fn is_tracked(&self, id: &str) -> bool {
-        self.lock().index.contains_key(id)
+        self.lock().slot_of(id).is_some()
     }
 
     /// Stops tracking `id` on request (`DELETE /api/v1/tasks/...`). False when not tracked.
     pub fn untrack(&self, id: &str, now: i64) -> bool {
         let mut inner = self.lock();
-        match inner.index.get(id).copied() {
+        match inner.slot_of(id) {
             Some(slot) => {
                 inner.remove(slot, now, Some(DropReason::Api));
                 true
@@ -466,12 +699,13 @@ impl ProviderTasks {
     /// Returns false when the task is not tracked.
     pub fn observe(&self, obs: &Observation, now: i64) -> bool {
         let mut inner = self.lock();
-        let Some(slot) = inner.index.get(obs.task_id.as_str()).copied() else {
+        let Some(slot) = inner.slot_of(&obs.task_id) else {
             return false;
         };
         inner.apply(slot, obs, now);
-        if !inner.task(slot).status.is_terminal() {
-            let delay = inner.policy.delay_ms(inner.task(slot).polls);
+        let t = inner.task(slot);
+        if !t.status.is_terminal() {
+            let delay = inner.policy.delay_ms(t.polls);
             inner.schedule_at(slot, now + delay);
         }
         true
@@ -480,21 +714,26 @@ impl ProviderTasks {
     /// Records the answer to a poll taken with [`take_due`](Self::take_due).
     pub fn record_poll(&self, id: &str, answer: Result<&Observation, &PollError>, now: i64) {
         let mut inner = self.lock();
-        let Some(slot) = inner.index.get(id).copied() else {
+        let Some(slot) = inner.slot_of(id) else {
             return; // deleted while the request was in flight
         };
-        inner.task_mut(slot).last_polled = Some(now);
-        inner.task_mut(slot).polls = inner.task(slot).polls.saturating_add(1);
+        {
+            let t = inner.task_mut(slot);
+            t.last_polled = now;
+            t.polls = t.polls.saturating_add(1);
+        }
         match answer {
             Ok(obs) => {
                 {
                     let t = inner.task_mut(slot);
                     t.not_found = 0;
-                    t.last_error = None;
+                    t.set_not_found_since(0);
+                    t.set_last_error(None);
                 }
                 inner.apply(slot, obs, now);
-                if !inner.task(slot).status.is_terminal() {
-                    let delay = inner.policy.delay_ms(inner.task(slot).polls);
+                let t = inner.task(slot);
+                if !t.status.is_terminal() {
+                    let delay = inner.policy.delay_ms(t.polls);
                     inner.schedule_at(slot, now + delay);
                 }
             }
@@ -502,30 +741,28 @@ impl ProviderTasks {
                 let not_found = err.class == Some(FailureClass::NotFound);
                 {
                     let t = inner.task_mut(slot);
-                    t.last_error = Some(truncate(&err.message, MAX_TEXT_LEN).into_boxed_str());
+                    t.set_last_error(Some(&truncate(&err.message, MAX_TEXT_LEN)));
                     if not_found {
                         if t.not_found == 0 {
-                            t.not_found_since = now;
+                            t.set_not_found_since(now);
                         }
                         t.not_found = t.not_found.saturating_add(1);
                     }
                 }
-                inner.dirty.insert(slot);
+                inner.mark_lazy(slot);
                 let t = inner.task(slot);
                 if not_found
                     && t.not_found >= NOT_FOUND_LIMIT
-                    && now - t.not_found_since >= NOT_FOUND_MIN_SPAN_MS
+                    && now - t.not_found_since() >= NOT_FOUND_MIN_SPAN_MS
                 {
                     inner.remove(slot, now, Some(DropReason::NotFound));
                     return;
                 }
-                if inner.task(slot).status.is_terminal() {
+                if t.status.is_terminal() {
                     return; // a failed confirmation poll of a finished task: nothing to retry
                 }
                 // Retry at the task's current pace; failures do not speed polling up.
-                let delay = inner
-                    .policy
-                    .delay_ms(inner.task(slot).polls.saturating_sub(1).max(1));
+                let delay = inner.policy.delay_ms(t.polls.saturating_sub(1).max(1));
                 inner.schedule_at(slot, now + delay);
             }
         }
@@ -534,7 +771,7 @@ impl ProviderTasks {
     /// Asks for one poll of `id` now (a callback arrived: confirm it).
     pub fn poll_soon(&self, id: &str, now: i64) {
         let mut inner = self.lock();
-        if let Some(slot) = inner.index.get(id).copied() {
+        if let Some(slot) = inner.slot_of(id) {
             inner.schedule_at(slot, now);
             drop(inner);
             self.wake.notify_one();
@@ -600,19 +837,32 @@ impl ProviderTasks {
             .collect()
     }
 
-    /// Takes the persistence work accumulated since the last call.
+    /// Takes the persistence work accumulated since the last call. Tasks whose only change
+    /// is poll bookkeeping are included every [`BOOKKEEPING_FLUSH`].
     pub fn take_pending(&self) -> Pending {
+        self.take(false)
+    }
+
+    /// Like [`take_pending`](Self::take_pending), bookkeeping included (shutdown).
+    pub fn take_pending_all(&self) -> Pending {
+        self.take(true)
+    }
+
+    fn take(&self, everything: bool) -> Pending {
         let mut inner = self.lock();
-        let provider = inner.provider.clone();
-        let dirty: Vec<u32> = inner.dirty.drain().collect();
+        let with_lazy = everything || inner.lazy_written.elapsed() >= BOOKKEEPING_FLUSH;
         let mut batch = Batch::default();
-        for slot in dirty {
-            if let Some(t) = inner.slots.get(slot as usize).and_then(|s| s.as_ref()) {
-                batch.put_tasks.push((
-                    store::task_key(&provider, &t.id),
-                    encode_task(t, inner.models.name(t.model)),
-                ));
-            }
+        let mut dirty = std::mem::take(&mut inner.dirty);
+        inner.write_records(&dirty, DIRTY, &mut batch);
+        // Keep a modest buffer for the next round, not one sized by a start-up burst.
+        dirty.clear();
+        if dirty.capacity() <= 1 << 16 {
+            inner.dirty = dirty;
+        }
+        if with_lazy {
+            let lazy = std::mem::take(&mut inner.lazy);
+            inner.write_records(&lazy, LAZY, &mut batch);
+            inner.lazy_written = std::time::Instant::now();
         }
         batch.delete_tasks = std::mem::take(&mut inner.deleted);
         batch.put_tombstones = std::mem::take(&mut inner.tombstones_put);
@@ -624,9 +874,31 @@ impl ProviderTasks {
     }
 
     /// Restores a task record read from the store (start-up). Finished tasks come back for
-    /// the rest of their retention, in-flight ones are due now.
+    /// the rest of their retention, in-flight ones are due within one interval.
     pub fn restore_task(&self, id: &str, record: &[u8], now: i64) -> Result<(), DecodeError> {
-        let mut inner = self.lock();
+        self.restorer().task(id, record, now)
+    }
+
+    pub fn restore_tombstone(&self, id: &str, last_seen: i64) {
+        self.restorer().tombstone(id, last_seen);
+    }
+
+    /// Restores many records under one lock (start-up: a million records take a second,
+    /// not a million lock round trips). Polling waits until the restorer is dropped.
+    pub fn restorer(&self) -> Restorer<'_> {
+        Restorer { inner: self.lock() }
+    }
+}
+
+/// See [`ProviderTasks::restorer`].
+pub struct Restorer<'a> {
+    inner: std::sync::MutexGuard<'a, Inner>,
+}
+
+impl Restorer<'_> {
+    /// Like [`ProviderTasks::restore_task`].
+    pub fn task(&mut self, id: &str, record: &[u8], now: i64) -> Result<(), DecodeError> {
+        let inner = &mut *self.inner;
         if !inner.shard.owns(&inner.provider, id) {
             // Re-sharded: another shard owns it now. Forget it here; that shard's
             // discovery picks it up. Its counts stay in this shard's totals.
@@ -634,30 +906,37 @@ impl ProviderTasks {
             inner.deleted.push(key);
             return Ok(());
         }
-        let decoded = decode_task(record)?;
-        let model = inner.models.intern(&decoded.model);
-        let slot = inner.insert(id, decoded.source, decoded.first_seen);
-        {
-            let t = inner.task_mut(slot);
-            t.upstream_status = decoded.upstream_status.into_boxed_str();
-            t.created_at = decoded.created_at;
-            t.updated_at = decoded.updated_at;
-            t.completed_at = decoded.completed_at;
-            t.last_polled = decoded.last_polled;
-            t.polls = decoded.polls;
-            t.not_found = decoded.not_found;
-            t.not_found_since = decoded.not_found_since;
-            t.counted = decoded.counted;
-            t.credits_used = decoded.credits_used;
-            t.credits_refunded = decoded.credits_refunded;
-            t.failure_reason = decoded.failure_reason;
-            t.finished_at = decoded.finished_at;
-            t.error_message = decoded.error_message.map(String::into_boxed_str);
-            t.last_error = decoded.last_error.map(String::into_boxed_str);
+        let d = decode_task(record)?;
+        if inner.slot_of(id).is_some() {
+            return Ok(()); // restored already (a provider re-added by reload)
         }
-        inner.set_state(slot, model, decoded.status);
-        if decoded.status.is_terminal() {
-            let end = decoded.finished_at.unwrap_or(now) + inner.policy.retention_ms;
+        let model = inner.models.intern(d.model);
+        // Restored tasks match their record: not dirty.
+        let slot = inner.insert(TaskId::new(id), d.source, d.first_seen, false);
+        {
+            let Inner { slots, words, .. } = &mut *inner;
+            let t = slots[slot as usize].as_mut().expect("just inserted");
+            t.set_upstream_status(words, d.upstream_status);
+            t.created_at = or_no_time(d.created_at);
+            t.updated_at = or_no_time(d.updated_at);
+            t.completed_at = or_no_time(d.completed_at);
+            t.last_polled = or_no_time(d.last_polled);
+            t.polls = d.polls;
+            t.not_found = d.not_found;
+            if d.not_found > 0 {
+                t.set_not_found_since(d.not_found_since);
+            }
+            t.set(COUNTED, d.counted);
+            t.credits_used = d.credits_used;
+            t.credits_refunded = d.credits_refunded;
+            t.failure_reason = d.failure_reason;
+            t.finished_at = or_no_time(d.finished_at);
+            t.set_error_message(d.error_message);
+            t.set_last_error(d.last_error);
+        }
+        inner.set_state(slot, model, d.status, None);
+        if d.status.is_terminal() {
+            let end = d.finished_at.unwrap_or(now) + inner.policy.retention_ms;
             let generation = inner.task(slot).generation;
             inner.expiry.push(Reverse((end, slot, generation)));
         } else {
@@ -668,9 +947,14 @@ impl ProviderTasks {
         Ok(())
     }
 
-    pub fn restore_tombstone(&self, id: &str, last_seen: i64) {
-        self.lock().tombstones.insert(id.into(), last_seen);
+    /// Like [`ProviderTasks::restore_tombstone`].
+    pub fn tombstone(&mut self, id: &str, last_seen: i64) {
+        self.inner.tombstones.insert(TaskId::new(id), last_seen);
     }
+}
+
+fn or_no_time(t: Option<i64>) -> i64 {
+    t.unwrap_or(NO_TIME)
 }
 
 /// A poll that got no observation.
@@ -699,14 +983,72 @@ impl Inner {
         self.slots[slot as usize].as_mut().expect("live slot")
     }
 
+    fn find(&self, id: &TaskId) -> Option<u32> {
+        let hash = self.hasher.hash_one(id);
+        let slots = &self.slots;
+        self.index
+            .find(hash, |&s| {
+                slots[s as usize].as_ref().is_some_and(|t| t.id == *id)
+            })
+            .copied()
+    }
+
+    fn slot_of(&self, id: &str) -> Option<u32> {
+        self.find(&TaskId::new(id))
+    }
+
+    fn mark_dirty(&mut self, slot: u32) {
+        let t = self.task_mut(slot);
+        if !t.has(DIRTY) {
+            t.set(DIRTY, true);
+            self.dirty.push(slot);
+        }
+    }
+
+    /// Encodes the records of the tasks in `slots` that carry `flag` (others were written
+    /// already, or are new tasks in reused slots).
+    fn write_records(&mut self, listed: &[u32], flag: u8, batch: &mut Batch) {
+        let Inner {
+            slots,
+            models,
+            words,
+            provider,
+            ..
+        } = self;
+        batch.put_tasks.reserve(listed.len());
+        let mut buf = [0; UUID_LEN];
+        for &slot in listed {
+            let Some(t) = slots.get_mut(slot as usize).and_then(Option::as_mut) else {
+                continue;
+            };
+            if !t.has(flag) {
+                continue;
+            }
+            t.set(DIRTY | LAZY, false);
+            batch.put_tasks.push((
+                store::task_key(provider, t.id.as_str(&mut buf)),
+                encode_task(t, models.name(t.model), t.upstream_status(words)),
+            ));
+        }
+    }
+
+    fn mark_lazy(&mut self, slot: u32) {
+        let t = self.task_mut(slot);
+        if !t.has(DIRTY | LAZY) {
+            t.set(LAZY, true);
+            self.lazy.push(slot);
+        }
+    }
+
     fn track(&mut self, id: &str, source: Source, now: i64) -> TrackOutcome {
         if !is_valid_task_id(id) {
             return TrackOutcome::Invalid;
         }
-        if self.index.contains_key(id) {
+        let task_id = TaskId::new(id);
+        if self.find(&task_id).is_some() {
             return TrackOutcome::Known;
         }
-        if let Some(last) = self.tombstones.get_mut(id) {
+        if let Some(last) = self.tombstones.get_mut(&task_id) {
             if now - *last >= TOMBSTONE_REFRESH_MS {
                 *last = now;
                 let key = store::task_key(&self.provider, id);
@@ -717,41 +1059,18 @@ impl Inner {
         if !self.shard.owns(&self.provider, id) {
             return TrackOutcome::NotOwned;
         }
-        let slot = self.insert(id, source, now);
-        self.set_state(slot, 0, Status::Unknown);
+        let slot = self.insert(task_id, source, now, true);
+        self.set_state(slot, 0, Status::Unknown, None);
         self.schedule_at(slot, now);
         self.events.push(Event::Discovered { source });
         TrackOutcome::New
     }
 
-    fn insert(&mut self, id: &str, source: Source, first_seen: i64) -> u32 {
-        let id: Arc<str> = Arc::from(id);
+    /// Adds a task (unknown model and status) and indexes it.
+    fn insert(&mut self, id: TaskId, source: Source, first_seen: i64, dirty: bool) -> u32 {
         self.next_generation = self.next_generation.wrapping_add(1);
-        let task = Task {
-            id: id.clone(),
-            generation: self.next_generation,
-            model: 0,
-            status: Status::Unknown,
-            upstream_status: Box::from(""),
-            source,
-            created_at: None,
-            updated_at: None,
-            completed_at: None,
-            first_seen,
-            last_polled: None,
-            next_poll: NEVER,
-            polls: 0,
-            not_found: 0,
-            not_found_since: 0,
-            counted: false,
-            credits_used: 0.0,
-            credits_refunded: 0.0,
-            failure_reason: None,
-            finished_at: None,
-            error_message: None,
-            last_error: None,
-            in_flight_key: None,
-        };
+        let hash = self.hasher.hash_one(&id);
+        let task = Task::new(id, source, first_seen, self.next_generation);
         let slot = match self.free.pop() {
             Some(slot) => {
                 self.slots[slot as usize] = Some(task);
@@ -762,47 +1081,51 @@ impl Inner {
                 (self.slots.len() - 1) as u32
             }
         };
-        self.index.insert(id, slot);
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.index.insert_unique(hash, slot, |&s| {
+            hasher.hash_one(&slots[s as usize].as_ref().expect("indexed slot is live").id)
+        });
         // Counted as unknown/unknown until `set_state` says otherwise.
         self.counts[0][Status::Unknown.index()] += 1;
-        self.dirty.insert(slot);
+        if dirty {
+            self.mark_dirty(slot);
+        }
         slot
     }
 
-    /// Moves a task's gauge contribution to (`model`, `status`).
-    fn set_state(&mut self, slot: u32, model: u16, status: Status) {
-        let (old_model, old_status, old_key) = {
+    /// Moves a task's gauge contribution to (`model`, `status`). `old_key` is where the task
+    /// sits in `in_flight` when that differs from its current key (its creation time has
+    /// just been learnt).
+    fn set_state(&mut self, slot: u32, model: u16, status: Status, old_key: Option<i64>) {
+        let (old_model, old_status, was_in_flight, current_key) = {
             let t = self.task(slot);
-            (t.model, t.status, t.in_flight_key)
+            (t.model, t.status, t.has(IN_FLIGHT), t.in_flight_key())
         };
         self.counts[old_model as usize][old_status.index()] -= 1;
         while self.counts.len() <= model as usize {
             self.counts.push([0; 7]);
         }
         self.counts[model as usize][status.index()] += 1;
-        if let Some(key) = old_key {
-            decrement(&mut self.in_flight, key);
+        if was_in_flight {
+            decrement(&mut self.in_flight, old_key.unwrap_or(current_key));
         }
-        let new_key = status.is_in_flight().then(|| {
-            let t = self.task(slot);
-            t.created_at.unwrap_or(t.first_seen)
-        });
-        if let Some(key) = new_key {
-            *self.in_flight.entry(key).or_insert(0) += 1;
+        let in_flight = status.is_in_flight();
+        if in_flight {
+            *self.in_flight.entry(current_key).or_insert(0) += 1;
         }
         let t = self.task_mut(slot);
         t.model = model;
         t.status = status;
-        t.in_flight_key = new_key;
+        t.set(IN_FLIGHT, in_flight);
     }
 
     /// The accounting rule. Terminal status: counted once. Credits: each increase once.
     fn apply(&mut self, slot: u32, obs: &Observation, now: i64) {
-        self.dirty.insert(slot);
-        let (current_status, current_model) = {
+        let (current_status, current_model, old_key, before) = {
             let t = self.task(slot);
-            (t.status, t.model)
+            (t.status, t.model, t.in_flight_key(), t.record_state())
         };
+        let mut text_changed = false;
         // A terminal status never changes again: a late or replayed answer may still bring
         // credits, but not a new status.
         let status = if current_status.is_terminal() {
@@ -816,44 +1139,54 @@ impl Inner {
             _ => current_model,
         };
         {
-            let t = self.task_mut(slot);
+            let Inner { slots, words, .. } = self;
+            let t = slots[slot as usize].as_mut().expect("live slot");
             if !t.status.is_terminal() {
-                t.upstream_status = obs.upstream_status.clone().into_boxed_str();
+                text_changed |= t.set_upstream_status(words, &obs.upstream_status);
                 t.failure_reason = obs.failure_reason;
-                t.error_message = obs.error_message.clone().map(String::into_boxed_str);
+                text_changed |= t.set_error_message(obs.error_message.as_deref());
             }
-            t.created_at = obs.created_at.or(t.created_at);
-            t.updated_at = obs.updated_at.or(t.updated_at);
-            t.completed_at = obs.completed_at.or(t.completed_at);
+            if let Some(v) = obs.created_at {
+                t.created_at = v;
+            }
+            if let Some(v) = obs.updated_at {
+                t.updated_at = v;
+            }
+            if let Some(v) = obs.completed_at {
+                t.completed_at = v;
+            }
         }
         // In-flight age keys on created_at, which may have just become known.
-        self.set_state(slot, model, status);
-        let model_name = self.models.name(model).clone();
+        self.set_state(slot, model, status, Some(old_key));
 
-        if let Some(used) = obs.credits_used.filter(|v| v.is_finite()) {
+        let used = obs.credits_used.filter(|v| v.is_finite());
+        let refunded = obs.credits_refunded.filter(|v| v.is_finite());
+        let (mut used_by, mut refunded_by) = (None, None);
+        {
             let t = self.task_mut(slot);
-            if used > t.credits_used {
-                let amount = used - t.credits_used;
+            if let Some(used) = used.filter(|&v| v > t.credits_used) {
+                used_by = Some(used - t.credits_used);
                 t.credits_used = used;
-                self.events.push(Event::CreditsUsed {
-                    model: model_name.clone(),
-                    amount,
-                });
+            }
+            if let Some(refunded) = refunded.filter(|&v| v > t.credits_refunded) {
+                refunded_by = Some(refunded - t.credits_refunded);
+                t.credits_refunded = refunded;
             }
         }
-        if let Some(refunded) = obs.credits_refunded.filter(|v| v.is_finite()) {
-            let t = self.task_mut(slot);
-            if refunded > t.credits_refunded {
-                let amount = refunded - t.credits_refunded;
-                t.credits_refunded = refunded;
-                self.events.push(Event::CreditsRefunded {
-                    model: model_name.clone(),
-                    amount,
-                });
-            }
+        if let Some(amount) = used_by {
+            self.events.push(Event::CreditsUsed {
+                model: self.models.name(model).clone(),
+                amount,
+            });
+        }
+        if let Some(amount) = refunded_by {
+            self.events.push(Event::CreditsRefunded {
+                model: self.models.name(model).clone(),
+                amount,
+            });
         }
 
-        if status.is_terminal() && !self.task(slot).counted {
+        if status.is_terminal() && !self.task(slot).has(COUNTED) {
             let reason = match status {
                 Status::Succeeded => None,
                 Status::TimedOut => Some(obs.failure_reason.unwrap_or(FailureReason::Timeout)),
@@ -864,44 +1197,49 @@ impl Inner {
             let retention_end = now + self.policy.retention_ms;
             let generation = {
                 let t = self.task_mut(slot);
-                t.counted = true;
-                t.finished_at = Some(now);
+                t.set(COUNTED, true);
+                t.finished_at = now;
                 t.failure_reason = reason;
                 t.next_poll = NEVER;
                 t.generation
             };
             self.expiry.push(Reverse((retention_end, slot, generation)));
             self.events.push(Event::Completed {
-                model: model_name,
+                model: self.models.name(model).clone(),
                 status,
                 reason,
                 latency_seconds,
             });
         }
+        if text_changed || self.task(slot).record_state() != before {
+            self.mark_dirty(slot);
+        } else {
+            self.mark_lazy(slot);
+        }
     }
 
     fn schedule_at(&mut self, slot: u32, due: i64) {
+        let due = due.max(0);
         let t = self.task_mut(slot);
         if t.next_poll <= due {
             return; // already due earlier: keep the earlier entry
         }
         t.next_poll = due;
-        let generation = t.generation;
-        self.schedule.push(Reverse((due, slot, generation)));
+        self.schedule.push(Reverse(Due::new(due, slot)));
     }
 
-    /// Whether a schedule entry still describes the task in `slot`.
-    fn entry_is_live(&self, due: i64, slot: u32, generation: u32) -> bool {
+    /// Whether a schedule entry still describes the task in its slot.
+    fn entry_is_live(&self, entry: Due) -> bool {
         matches!(
-            self.slots.get(slot as usize),
-            Some(Some(t)) if t.generation == generation && t.next_poll == due
+            self.slots.get(entry.slot as usize),
+            Some(Some(t)) if t.next_poll == entry.due()
         )
     }
 
     fn peek_due(&mut self) -> Option<i64> {
-        while let Some(&Reverse((due, slot, generation))) = self.schedule.peek() {
-            if self.entry_is_live(due, slot, generation) {
-                return Some(due);
+        while let Some(&Reverse(entry)) = self.schedule.peek() {
+            if self.entry_is_live(entry) {
+                return Some(entry.due());
             }
             self.schedule.pop();
         }
@@ -914,16 +1252,16 @@ impl Inner {
             if due > now {
                 return None;
             }
-            let Reverse((_, slot, _)) = self.schedule.pop().expect("peeked");
+            let Reverse(entry) = self.schedule.pop().expect("peeked");
+            let slot = entry.slot;
             let t = self.task(slot);
-            let age_from = t.created_at.unwrap_or(t.first_seen);
-            if !t.status.is_terminal() && now - age_from > self.policy.max_task_age_ms {
+            if !t.status.is_terminal() && now - t.in_flight_key() > self.policy.max_task_age_ms {
                 self.remove(slot, now, Some(DropReason::MaxAge));
                 continue;
             }
             let t = self.task_mut(slot);
             t.next_poll = NEVER;
-            return Some(t.id.clone());
+            return Some(Arc::from(t.id.as_str(&mut [0; UUID_LEN])));
         }
     }
 
@@ -933,15 +1271,17 @@ impl Inner {
             return;
         };
         self.counts[task.model as usize][task.status.index()] -= 1;
-        if let Some(key) = task.in_flight_key {
-            decrement(&mut self.in_flight, key);
+        if task.has(IN_FLIGHT) {
+            decrement(&mut self.in_flight, task.in_flight_key());
         }
-        self.index.remove(&*task.id);
+        let hash = self.hasher.hash_one(&task.id);
+        if let Ok(entry) = self.index.find_entry(hash, |&s| s == slot) {
+            entry.remove();
+        }
         self.free.push(slot);
-        self.dirty.remove(&slot);
-        let key = store::task_key(&self.provider, &task.id);
+        let key = store::task_key(&self.provider, task.id.as_str(&mut [0; UUID_LEN]));
         self.deleted.push(key.clone());
-        self.tombstones.insert(Box::from(&*task.id), now);
+        self.tombstones.insert(task.id, now);
         self.tombstones_put.push((key, now));
         if let Some(reason) = reason {
             self.events.push(Event::Dropped { reason });
@@ -965,17 +1305,15 @@ impl Inner {
         // Tombstones: a full pass, at most once a minute.
         if now - self.last_tombstone_sweep >= 60_000 {
             self.last_tombstone_sweep = now;
-            let expired: Vec<Box<str>> = self
-                .tombstones
-                .iter()
-                .filter(|(_, last)| now - **last > TOMBSTONE_TTL_MS)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in expired {
-                self.tombstones.remove(&id);
-                let key = store::task_key(&self.provider, &id);
-                self.tombstones_deleted.push(key);
-            }
+            let provider = &self.provider;
+            let deleted = &mut self.tombstones_deleted;
+            self.tombstones.retain(|id, last| {
+                let keep = now - *last <= TOMBSTONE_TTL_MS;
+                if !keep {
+                    deleted.push(store::task_key(provider, id.as_str(&mut [0; UUID_LEN])));
+                }
+                keep
+            });
         }
     }
 
@@ -986,19 +1324,19 @@ impl Inner {
             provider: self.provider.to_string(),
             model: self.models.name(t.model).to_string(),
             status: t.status.as_str(),
-            upstream_status: t.upstream_status.to_string(),
+            upstream_status: t.upstream_status(&self.words).to_string(),
             failure_reason: t.failure_reason.map(FailureReason::as_str),
-            error_message: t.error_message.as_deref().map(str::to_string),
+            error_message: t.error_message().map(str::to_string),
             source: t.source.as_str(),
-            created_at: t.created_at.map(time),
-            updated_at: t.updated_at.map(time),
-            completed_at: t.completed_at.map(time),
+            created_at: some_time(t.created_at).map(time),
+            updated_at: some_time(t.updated_at).map(time),
+            completed_at: some_time(t.completed_at).map(time),
             first_seen_at: time(t.first_seen),
-            last_polled_at: t.last_polled.map(time),
+            last_polled_at: some_time(t.last_polled).map(time),
             next_poll_at: (t.next_poll != NEVER).then(|| time(t.next_poll)),
             credits_used: t.credits_used,
             credits_refunded: t.credits_refunded,
-            last_error: t.last_error.as_deref().map(str::to_string),
+            last_error: t.last_error().map(str::to_string),
         }
     }
 }
@@ -1035,11 +1373,12 @@ const RECORD_VERSION: u8 = 1;
 #[error("task record is corrupt or of an unknown version")]
 pub struct DecodeError;
 
+/// A record as read, borrowing its text from the record bytes.
 #[derive(Debug, PartialEq)]
-struct DecodedTask {
-    model: String,
+struct DecodedTask<'a> {
+    model: &'a str,
     status: Status,
-    upstream_status: String,
+    upstream_status: &'a str,
     source: Source,
     created_at: Option<i64>,
     updated_at: Option<i64>,
@@ -1054,19 +1393,23 @@ struct DecodedTask {
     credits_refunded: f64,
     failure_reason: Option<FailureReason>,
     finished_at: Option<i64>,
-    error_message: Option<String>,
-    last_error: Option<String>,
+    error_message: Option<&'a str>,
+    last_error: Option<&'a str>,
 }
 
-fn encode_task(t: &Task, model: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(96);
+fn encode_task(t: &Task, model: &str, upstream_status: &str) -> Vec<u8> {
+    let error_message = t.error_message().unwrap_or("");
+    let last_error = t.last_error().unwrap_or("");
+    let mut out = Vec::with_capacity(
+        71 + model.len() + upstream_status.len() + error_message.len() + last_error.len(),
+    );
     out.push(RECORD_VERSION);
     out.push(t.status.index() as u8);
     out.push(t.source.to_byte());
-    out.push(u8::from(t.counted));
+    out.push(u8::from(t.has(COUNTED)));
     out.push(t.failure_reason.map_or(u8::MAX, |r| r.index() as u8));
     put_str(&mut out, model);
-    put_str(&mut out, &t.upstream_status);
+    put_str(&mut out, upstream_status);
     for v in [
         t.created_at,
         t.updated_at,
@@ -1074,16 +1417,17 @@ fn encode_task(t: &Task, model: &str) -> Vec<u8> {
         t.last_polled,
         t.finished_at,
     ] {
-        out.extend_from_slice(&v.unwrap_or(i64::MIN).to_le_bytes());
+        // NO_TIME is the record's "absent" too.
+        out.extend_from_slice(&v.to_le_bytes());
     }
     out.extend_from_slice(&t.first_seen.to_le_bytes());
     out.extend_from_slice(&t.polls.to_le_bytes());
     out.extend_from_slice(&t.not_found.to_le_bytes());
-    out.extend_from_slice(&t.not_found_since.to_le_bytes());
+    out.extend_from_slice(&t.not_found_since().to_le_bytes());
     out.extend_from_slice(&t.credits_used.to_le_bytes());
     out.extend_from_slice(&t.credits_refunded.to_le_bytes());
-    put_str(&mut out, t.error_message.as_deref().unwrap_or(""));
-    put_str(&mut out, t.last_error.as_deref().unwrap_or(""));
+    put_str(&mut out, error_message);
+    put_str(&mut out, last_error);
     out
 }
 
@@ -1096,48 +1440,41 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let (head, tail) = self.0.split_first_chunk::<N>().ok_or(DecodeError)?;
+        self.0 = tail;
+        Ok(*head)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take::<1>()?[0])
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.take()?))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.take()?))
+    }
+    fn i64(&mut self) -> Result<i64, DecodeError> {
+        Ok(i64::from_le_bytes(self.take()?))
+    }
+    fn f64(&mut self) -> Result<f64, DecodeError> {
+        Ok(f64::from_le_bytes(self.take()?))
+    }
+    fn opt_i64(&mut self) -> Result<Option<i64>, DecodeError> {
+        Ok(some_time(self.i64()?))
+    }
+    fn str(&mut self) -> Result<&'a str, DecodeError> {
+        let n = self.u16()? as usize;
         if self.0.len() < n {
             return Err(DecodeError);
         }
         let (head, tail) = self.0.split_at(n);
         self.0 = tail;
-        Ok(head)
-    }
-    fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> Result<u16, DecodeError> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().map_err(|_| DecodeError)?,
-        ))
-    }
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().map_err(|_| DecodeError)?,
-        ))
-    }
-    fn i64(&mut self) -> Result<i64, DecodeError> {
-        Ok(i64::from_le_bytes(
-            self.take(8)?.try_into().map_err(|_| DecodeError)?,
-        ))
-    }
-    fn f64(&mut self) -> Result<f64, DecodeError> {
-        Ok(f64::from_le_bytes(
-            self.take(8)?.try_into().map_err(|_| DecodeError)?,
-        ))
-    }
-    fn opt_i64(&mut self) -> Result<Option<i64>, DecodeError> {
-        let v = self.i64()?;
-        Ok((v != i64::MIN).then_some(v))
-    }
-    fn string(&mut self) -> Result<String, DecodeError> {
-        let n = self.u16()? as usize;
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| DecodeError)
+        std::str::from_utf8(head).map_err(|_| DecodeError)
     }
 }
 
-fn decode_task(bytes: &[u8]) -> Result<DecodedTask, DecodeError> {
+fn decode_task(bytes: &[u8]) -> Result<DecodedTask<'_>, DecodeError> {
     let mut r = Reader(bytes);
     if r.u8()? != RECORD_VERSION {
         return Err(DecodeError);
@@ -1151,8 +1488,8 @@ fn decode_task(bytes: &[u8]) -> Result<DecodedTask, DecodeError> {
     } else {
         Some(FailureReason::from_index(reason_byte as usize).ok_or(DecodeError)?)
     };
-    let model = r.string()?;
-    let upstream_status = r.string()?;
+    let model = r.str()?;
+    let upstream_status = r.str()?;
     let created_at = r.opt_i64()?;
     let updated_at = r.opt_i64()?;
     let completed_at = r.opt_i64()?;
@@ -1164,8 +1501,8 @@ fn decode_task(bytes: &[u8]) -> Result<DecodedTask, DecodeError> {
     let not_found_since = r.i64()?;
     let credits_used = r.f64()?;
     let credits_refunded = r.f64()?;
-    let error_message = Some(r.string()?).filter(|s| !s.is_empty());
-    let last_error = Some(r.string()?).filter(|s| !s.is_empty());
+    let error_message = Some(r.str()?).filter(|s| !s.is_empty());
+    let last_error = Some(r.str()?).filter(|s| !s.is_empty());
     Ok(DecodedTask {
         model,
         status,
@@ -1187,6 +1524,55 @@ fn decode_task(bytes: &[u8]) -> Result<DecodedTask, DecodeError> {
         error_message,
         last_error,
     })
+}
+
+#[cfg(test)]
+impl Inner {
+    /// Asserts that the derived structures (index, counts, in-flight keys, dirty list,
+    /// schedule) agree with the tasks.
+    fn check(&self) {
+        use std::collections::HashSet;
+        let mut live = 0;
+        let mut counts = vec![[0u64; 7]; self.counts.len()];
+        let mut in_flight: BTreeMap<i64, u32> = BTreeMap::new();
+        let dirty: HashSet<u32> = self.dirty.iter().copied().collect();
+        let scheduled: HashSet<(i64, u32)> = self
+            .schedule
+            .iter()
+            .map(|Reverse(e)| (e.due(), e.slot))
+            .collect();
+        for (i, t) in self.slots.iter().enumerate() {
+            let slot = i as u32;
+            let Some(t) = t else {
+                assert!(self.free.contains(&slot), "empty slot {i} not free");
+                continue;
+            };
+            live += 1;
+            assert_eq!(self.find(&t.id), Some(slot), "{:?} not indexed", t.id);
+            counts[t.model as usize][t.status.index()] += 1;
+            assert_eq!(t.has(IN_FLIGHT), t.status.is_in_flight());
+            if t.has(IN_FLIGHT) {
+                *in_flight.entry(t.in_flight_key()).or_default() += 1;
+            }
+            assert!(
+                !t.has(DIRTY) || dirty.contains(&slot),
+                "dirty task not listed"
+            );
+            assert!(
+                !t.has(LAZY) || self.lazy.contains(&slot),
+                "lazy task not listed"
+            );
+            assert!(
+                t.next_poll == NEVER || scheduled.contains(&(t.next_poll, slot)),
+                "planned poll without a schedule entry"
+            );
+            assert!(!t.status.is_terminal() || t.has(COUNTED));
+            assert!(t.extra.as_ref().is_none_or(|e| !e.is_empty()));
+        }
+        assert_eq!(live, self.index.len());
+        assert_eq!(counts, self.counts);
+        assert_eq!(in_flight, self.in_flight);
+    }
 }
 
 #[cfg(test)]
@@ -1353,6 +1739,13 @@ mod tests {
     }
 
     #[test]
+    fn a_task_stays_small() {
+        // Resident memory at a million tasks is mostly this struct (BENCHMARKS.md).
+        assert!(std::mem::size_of::<Option<Task>>() <= 128);
+        assert_eq!(std::mem::size_of::<Due>(), 12);
+    }
+
+    #[test]
     fn backoff_grows_to_the_ceiling() {
         let policy = Policy::from(&polling());
         let d1 = policy.delay_ms(1);
@@ -1379,7 +1772,7 @@ mod tests {
         assert_eq!(d.model, "m");
         assert!(d.counted);
         assert_eq!(d.credits_used, 2.5);
-        assert_eq!(d.error_message.as_deref(), Some("blocked"));
+        assert_eq!(d.error_message, Some("blocked"));
         assert_eq!(d.source, Source::History);
         assert!(decode_task(&record[..record.len() - 1]).is_err());
 
@@ -1391,5 +1784,189 @@ mod tests {
             0,
             "restored counted task is not recounted"
         );
+    }
+
+    mod property {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::{BTreeMap, HashSet};
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Track(usize),
+            TakeDue,
+            Answer(usize, usize, usize, u8),
+            NotFound(usize),
+            TransportError(usize),
+            Observe(usize, usize, usize, u8),
+            Untrack(usize),
+            PollSoon(usize),
+            Advance(i64),
+            Sweep,
+            TakePending,
+            Restart,
+            Crash,
+        }
+
+        fn id(i: usize) -> String {
+            match i % 4 {
+                0 => format!("9db7d1ed-d1e5-4d11-9f3a-61f653b905a{i}"),
+                1 => format!("img_01HQ9M7XJQ7PZ3GQ9F6C5W3N{i:02}"),
+                2 => format!("t{i}"),
+                _ => format!("a-rather-long-task-id-that-is-stored-on-the-heap-{i}"),
+            }
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            let i = 0..8usize;
+            prop_oneof![
+                3 => i.clone().prop_map(Op::Track),
+                2 => Just(Op::TakeDue),
+                4 => (i.clone(), 0..7usize, 0..6usize, 0..5u8)
+                    .prop_map(|(i, s, m, c)| Op::Answer(i, s, m, c)),
+                1 => i.clone().prop_map(Op::NotFound),
+                1 => i.clone().prop_map(Op::TransportError),
+                2 => (i.clone(), 0..7usize, 0..6usize, 0..5u8)
+                    .prop_map(|(i, s, m, c)| Op::Observe(i, s, m, c)),
+                1 => i.clone().prop_map(Op::Untrack),
+                1 => i.prop_map(Op::PollSoon),
+                2 => (0..120_000i64).prop_map(Op::Advance),
+                1 => Just(Op::Sweep),
+                1 => Just(Op::TakePending),
+                1 => Just(Op::Restart),
+                1 => Just(Op::Crash),
+            ]
+        }
+
+        fn answer(i: usize, s: usize, m: usize, credits: u8, now: i64) -> Observation {
+            let mut o = Observation::new(id(i), Status::ALL[s], "WORD");
+            if m > 0 {
+                o.model = Some(format!("model-{m}"));
+            }
+            if m % 2 == 1 {
+                o.created_at = Some(now - 1_000 * m as i64);
+            }
+            o.credits_used = Some(f64::from(credits));
+            if Status::ALL[s] == Status::Failed {
+                o.error_message = Some("it broke".into());
+            }
+            o
+        }
+
+        /// The store as the persister leaves it after committing `pending`.
+        #[derive(Default)]
+        struct FakeStore {
+            tasks: BTreeMap<String, Vec<u8>>,
+            tombstones: BTreeMap<String, i64>,
+        }
+
+        impl FakeStore {
+            fn commit(&mut self, batch: Batch) {
+                self.tasks.extend(batch.put_tasks);
+                for k in batch.delete_tasks {
+                    self.tasks.remove(&k);
+                }
+                self.tombstones.extend(batch.put_tombstones);
+                for k in batch.delete_tombstones {
+                    self.tombstones.remove(&k);
+                }
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            /// Any sequence of registrations, answers, errors, removals and clean restarts
+            /// keeps the registry's structures consistent, counts each terminal outcome
+            /// once and each credit once.
+            #[test]
+            fn registry_stays_consistent_and_counts_once(ops in prop::collection::vec(op(), 1..80)) {
+                let mut p = tasks();
+                let mut store = FakeStore::default();
+                let mut now = 1_000_000i64;
+                let mut events = Vec::new();
+                let mut counted: HashSet<usize> = HashSet::new();
+                let mut credits: BTreeMap<usize, u8> = BTreeMap::new();
+                for op in ops {
+                    match op {
+                        Op::Track(i) => {
+                            p.track(&id(i), Source::Api, now);
+                        }
+                        Op::TakeDue => {
+                            p.take_due(now);
+                        }
+                        Op::Answer(i, s, m, c) | Op::Observe(i, s, m, c) => {
+                            let o = answer(i, s, m, c, now);
+                            if p.is_tracked(&id(i)) {
+                                if Status::ALL[s].is_terminal() {
+                                    counted.insert(i);
+                                }
+                                let max = credits.entry(i).or_default();
+                                *max = (*max).max(c);
+                            }
+                            if matches!(op, Op::Answer(..)) {
+                                p.record_poll(&id(i), Ok(&o), now);
+                            } else {
+                                p.observe(&o, now);
+                            }
+                        }
+                        Op::NotFound(i) | Op::TransportError(i) => {
+                            let err = PollError {
+                                class: matches!(op, Op::NotFound(_)).then_some(FailureClass::NotFound),
+                                message: "nope".into(),
+                            };
+                            p.record_poll(&id(i), Err(&err), now);
+                        }
+                        Op::Untrack(i) => {
+                            p.untrack(&id(i), now);
+                        }
+                        Op::PollSoon(i) => p.poll_soon(&id(i), now),
+                        Op::Advance(ms) => now += ms,
+                        Op::Sweep => p.sweep(now),
+                        Op::TakePending => {
+                            let pending = p.take_pending();
+                            store.commit(pending.batch);
+                            events.extend(pending.events);
+                        }
+                        Op::Restart | Op::Crash => {
+                            // A clean restart writes everything; a crash loses what was
+                            // not committed, bookkeeping included (nothing counted is lost:
+                            // it is taken with the records that make it count).
+                            let pending = if matches!(op, Op::Restart) {
+                                p.take_pending_all()
+                            } else {
+                                p.take_pending()
+                            };
+                            store.commit(pending.batch);
+                            events.extend(pending.events);
+                            p = tasks();
+                            let mut r = p.restorer();
+                            for (key, record) in &store.tasks {
+                                let (_, id) = store::split_task_key(key).unwrap();
+                                r.task(id, record, now).unwrap();
+                            }
+                            for (key, last) in &store.tombstones {
+                                let (_, id) = store::split_task_key(key).unwrap();
+                                r.tombstone(id, *last);
+                            }
+                            drop(r);
+                            p.reschedule_unscheduled(now);
+                        }
+                    }
+                    p.lock().check();
+                }
+                events.extend(p.take_pending().events);
+                prop_assert_eq!(completed(&events), counted.len());
+                let used: f64 = events
+                    .iter()
+                    .map(|e| match e {
+                        Event::CreditsUsed { amount, .. } => *amount,
+                        _ => 0.0,
+                    })
+                    .sum();
+                let expected: f64 = credits.values().map(|&c| f64::from(c)).sum();
+                prop_assert_eq!(used, expected);
+            }
+        }
     }
 }
