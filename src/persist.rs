@@ -19,7 +19,6 @@ pub struct Persister {
     metrics: Arc<Metrics>,
     /// A batch whose commit failed: retried before anything new is taken.
     failed: Option<(Batch, Staged)>,
-    last_upstream_rows: Vec<(String, Vec<u8>)>,
 }
 
 impl Persister {
@@ -29,7 +28,6 @@ impl Persister {
             registry,
             metrics,
             failed: None,
-            last_upstream_rows: Vec::new(),
         }
     }
 
@@ -52,7 +50,6 @@ impl Persister {
             None => self.collect(),
         };
         if batch.is_empty() {
-            self.metrics.accounting.publish(staged);
             return true;
         }
         let store = self.store.clone();
@@ -100,13 +97,11 @@ impl Persister {
                 .accounting
                 .stage(&mut staged, provider.name(), &pending.events);
         }
+        let upstream = self.metrics.take_upstream_pending();
+        self.metrics
+            .accounting
+            .stage_upstream(&mut staged, upstream);
         batch.put_counters = self.metrics.accounting.encode(&staged);
-        // Upstream counters ride along when they moved.
-        let upstream = self.metrics.upstream_rows();
-        if upstream != self.last_upstream_rows {
-            batch.put_counters.extend(upstream.iter().cloned());
-            self.last_upstream_rows = upstream;
-        }
         (batch, staged)
     }
 }
