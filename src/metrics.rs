@@ -6,7 +6,7 @@
 //!   error and duration families. Changes are staged, committed to the store by the
 //!   persister together with the task state that caused them, and only then published: the
 //!   page shows nothing that a crash could take back. Task counts arrive as registry
-//!   events; upstream counts are gathered in [`UpstreamPending`] between flushes.
+//!   events; upstream counts are gathered in [`PendingCounts`] between flushes.
 //! - gauges and exporter metrics: ordinary `prometheus` crate metrics set where things
 //!   happen (upstream client, webhooks, reload) and the process collector.
 //! - scrape-time gauges read from the registry's per-status counts (O(models), not O(tasks)).
@@ -53,10 +53,12 @@ pub enum Family {
     Dropped,
     UpstreamRequests,
     UpstreamErrors,
+    WebhookRequests,
+    DiscoveryErrors,
 }
 
 impl Family {
-    const ALL: [Family; 8] = [
+    const ALL: [Family; 10] = [
         Family::Completions,
         Family::Failures,
         Family::CreditsUsed,
@@ -65,6 +67,8 @@ impl Family {
         Family::Dropped,
         Family::UpstreamRequests,
         Family::UpstreamErrors,
+        Family::WebhookRequests,
+        Family::DiscoveryErrors,
     ];
 
     fn name(self) -> &'static str {
@@ -77,6 +81,8 @@ impl Family {
             Family::Dropped => "genai_task_dropped_total",
             Family::UpstreamRequests => "genai_upstream_requests_total",
             Family::UpstreamErrors => "genai_upstream_errors_total",
+            Family::WebhookRequests => "genai_exporter_webhook_requests_total",
+            Family::DiscoveryErrors => "genai_exporter_discovery_errors_total",
         }
     }
 
@@ -94,6 +100,10 @@ impl Family {
             Family::UpstreamErrors => {
                 "API-level errors in upstream answers (envelope error codes, invalid_response)."
             }
+            Family::WebhookRequests => "Provider callbacks received, by outcome.",
+            Family::DiscoveryErrors => {
+                "Failures of a discovery source (unreadable task file, failed history page)."
+            }
         }
     }
 
@@ -107,6 +117,8 @@ impl Family {
             Family::Dropped => &["reason"],
             Family::UpstreamRequests => &["endpoint", "code"],
             Family::UpstreamErrors => &["endpoint", "error"],
+            Family::WebhookRequests => &["outcome"],
+            Family::DiscoveryErrors => &["source"],
         }
     }
 
@@ -121,6 +133,8 @@ impl Family {
             Family::Dropped => "dropped",
             Family::UpstreamRequests => "upstream_requests",
             Family::UpstreamErrors => "upstream_errors",
+            Family::WebhookRequests => "webhook_requests",
+            Family::DiscoveryErrors => "discovery_errors",
         }
     }
 }
@@ -291,9 +305,9 @@ impl Staged {
     }
 }
 
-/// Upstream observations gathered between two flushes (deltas).
+/// Counts gathered between two flushes (deltas): upstream exchanges, callbacks, discovery errors.
 #[derive(Debug, Default)]
-pub struct UpstreamPending {
+pub struct PendingCounts {
     counters: HashMap<SeriesKey<Family>, f64>,
     durations: HashMap<SeriesKey<HistFamily>, HistogramState>,
 }
@@ -412,8 +426,8 @@ impl Accounting {
         }
     }
 
-    /// Folds upstream observations into `staged`.
-    pub fn stage_upstream(&self, staged: &mut Staged, pending: UpstreamPending) {
+    /// Folds counts gathered between flushes into `staged`.
+    pub fn stage_counts(&self, staged: &mut Staged, pending: PendingCounts) {
         for (key, amount) in pending.counters {
             self.stage_counter(staged, key, amount);
         }
@@ -507,7 +521,9 @@ impl Accounting {
         for family in Family::ALL {
             let metrics: Vec<proto::Metric> = counters
                 .iter()
-                .filter(|(k, _)| k.family == family && active.contains(&k.provider))
+                .filter(|(k, _)| {
+                    k.family == family && (k.provider.is_empty() || active.contains(&k.provider))
+                })
                 .map(|(k, v)| counter_metric(k.label_pairs(family.labels()), *v))
                 .collect();
             families.push(family_of(
@@ -608,16 +624,14 @@ fn family_of(
 pub struct Metrics {
     prom: PromRegistry,
     pub accounting: Accounting,
-    /// Upstream counts since the last flush; the persister stages them into `accounting`.
-    upstream_pending: Mutex<UpstreamPending>,
+    /// Counts since the last flush; the persister stages them into `accounting`.
+    pending_counts: Mutex<PendingCounts>,
     pub upstream_backoff: GaugeVec,
     pub account_credits: GaugeVec,
     pub provider_up: IntGaugeVec,
     pub last_poll_success: GaugeVec,
     pub reload_successful: IntGauge,
     pub reload_success_timestamp: Gauge,
-    pub webhooks: IntCounterVec,
-    pub discovery_errors: IntCounterVec,
     pub store_errors: IntCounterVec,
     pub shard_info: IntGaugeVec,
     /// Providers currently configured; series of others are left off the page.
@@ -686,7 +700,7 @@ impl Metrics {
 
         Metrics {
             accounting: Accounting::new(latency_buckets),
-            upstream_pending: Mutex::new(UpstreamPending::default()),
+            pending_counts: Mutex::new(PendingCounts::default()),
             upstream_backoff: gauge_vec(
                 &prom,
                 "genai_upstream_backoff_seconds",
@@ -713,18 +727,6 @@ impl Metrics {
             ),
             reload_successful,
             reload_success_timestamp,
-            webhooks: counter_vec(
-                &prom,
-                "genai_exporter_webhook_requests_total",
-                "Provider callbacks received, by outcome.",
-                &["provider", "outcome"],
-            ),
-            discovery_errors: counter_vec(
-                &prom,
-                "genai_exporter_discovery_errors_total",
-                "Failures of a discovery source (unreadable task file, failed history page).",
-                &["provider", "source"],
-            ),
             store_errors: counter_vec(
                 &prom,
                 "genai_exporter_store_errors_total",
@@ -770,7 +772,7 @@ impl Metrics {
 
     /// Counts one upstream exchange: its `code` and how long it took.
     pub fn record_request(&self, provider: &str, endpoint: &str, code: &str, seconds: f64) {
-        let mut pending = self.upstream_pending.lock().expect("metrics lock");
+        let mut pending = self.pending_counts.lock().expect("metrics lock");
         *pending
             .counters
             .entry(SeriesKey::new(
@@ -792,7 +794,7 @@ impl Metrics {
 
     /// Counts one API-level error in an upstream answer.
     pub fn record_api_error(&self, provider: &str, endpoint: &str, error: &str) {
-        let mut pending = self.upstream_pending.lock().expect("metrics lock");
+        let mut pending = self.pending_counts.lock().expect("metrics lock");
         *pending
             .counters
             .entry(SeriesKey::new(
@@ -803,9 +805,30 @@ impl Metrics {
             .or_insert(0.0) += 1.0;
     }
 
-    /// Takes the upstream counts gathered since the last call.
-    pub fn take_upstream_pending(&self) -> UpstreamPending {
-        std::mem::take(&mut *self.upstream_pending.lock().expect("metrics lock"))
+    /// Counts one provider callback by outcome. `provider` is empty when the path named no
+    /// configured provider (the path is attacker-controlled: never a label value).
+    pub fn count_webhook(&self, provider: &str, outcome: &str) {
+        self.count(Family::WebhookRequests, provider, &[outcome]);
+    }
+
+    /// Counts one failure of a discovery source.
+    pub fn count_discovery_error(&self, provider: &str, source: &str) {
+        self.count(Family::DiscoveryErrors, provider, &[source]);
+    }
+
+    fn count(&self, family: Family, provider: &str, labels: &[&str]) {
+        *self
+            .pending_counts
+            .lock()
+            .expect("metrics lock")
+            .counters
+            .entry(SeriesKey::new(family, provider, labels))
+            .or_insert(0.0) += 1.0;
+    }
+
+    /// Takes the counts gathered since the last call.
+    pub fn take_pending_counts(&self) -> PendingCounts {
+        std::mem::take(&mut *self.pending_counts.lock().expect("metrics lock"))
     }
 
     /// Records that `provider` is paused until `until`.
@@ -912,7 +935,7 @@ mod tests {
         let mut staged = Staged::default();
         metrics
             .accounting
-            .stage_upstream(&mut staged, metrics.take_upstream_pending());
+            .stage_counts(&mut staged, metrics.take_pending_counts());
         let rows = metrics.accounting.encode(&staged);
         metrics.accounting.publish(staged);
         let page = metrics.render();

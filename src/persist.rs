@@ -97,10 +97,8 @@ impl Persister {
                 .accounting
                 .stage(&mut staged, provider.name(), &pending.events);
         }
-        let upstream = self.metrics.take_upstream_pending();
-        self.metrics
-            .accounting
-            .stage_upstream(&mut staged, upstream);
+        let counts = self.metrics.take_pending_counts();
+        self.metrics.accounting.stage_counts(&mut staged, counts);
         batch.put_counters = self.metrics.accounting.encode(&staged);
         (batch, staged)
     }

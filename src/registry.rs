@@ -1432,14 +1432,20 @@ mod exactly_once {
             Just(Status::TimedOut),
             Just(Status::Cancelled)
         ];
-        (terminal, 0u32..20, 0u32..20, prop::collection::vec((0u8..3, 0u32..20), 0..4)).prop_map(
-            |(terminal, used, refunded, early)| {
+        (
+            terminal,
+            0u32..20,
+            0u32..20,
+            prop::collection::vec((0u8..3, 0u32..20), 0..4),
+        )
+            .prop_map(|(terminal, used, refunded, early)| {
                 let used = f64::from(used) / 2.0;
                 let refunded = f64::from(refunded.min(used as u32 * 2)) / 2.0;
                 let mut answers: Vec<Observation> = early
                     .into_iter()
                     .map(|(s, c)| {
-                        let status = [Status::Pending, Status::Running, Status::Unknown][s as usize];
+                        let status =
+                            [Status::Pending, Status::Running, Status::Unknown][s as usize];
                         let mut o = Observation::new("", status, "x");
                         o.credits_used = Some((f64::from(c) / 2.0).min(used));
                         o
@@ -1458,8 +1464,7 @@ mod exactly_once {
                     credits_refunded: refunded,
                     answers,
                 }
-            },
-        )
+            })
     }
 
     fn ops(tasks: usize) -> impl Strategy<Value = Vec<Op>> {
