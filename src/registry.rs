@@ -1558,11 +1558,10 @@ mod exactly_once {
                 }
             }
             // Drain: every task is (re)discovered and its final answer arrives.
-            for t in 0..lives.len() {
+            for (t, life) in lives.iter().enumerate() {
                 now += 10;
                 p.track(&id(t), Source::Api, now);
-                let last = lives[t].answers.len() - 1;
-                answer(&p, t, last, true, now);
+                answer(&p, t, life.answers.len() - 1, true, now);
             }
             commit(&p, &mut committed);
 
