@@ -26,6 +26,17 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("state store task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// The store holds tasks that hash to other shards: the shard count changed. Starting
+    /// anyway would let the new owners count finished tasks a second time.
+    #[error(
+        "state store {path} holds {foreign} task(s) owned by other shards of {count}: the shard count changed; \
+         stop every shard and run `genai-task-exporter reshard --shard.count {count} DIR...` first (see README, \"Scaling out\")"
+    )]
+    ForeignTasks {
+        path: PathBuf,
+        foreign: usize,
+        count: u32,
+    },
 }
 
 /// Builds the adapter of a provider's type.
@@ -43,6 +54,8 @@ pub struct ProviderRuntime {
     pub upstream: Arc<Upstream>,
     pub tasks: Arc<ProviderTasks>,
     handles: Vec<JoinHandle<()>>,
+    /// Whether history or balance requests run on their own, whatever the tasks.
+    periodic_requests: bool,
 }
 
 impl ProviderRuntime {
@@ -55,10 +68,7 @@ impl ProviderRuntime {
     /// Whether the provider has had its first poll: any upstream answer, or nothing to ask.
     pub fn has_polled(&self) -> bool {
         let status = self.upstream.status();
-        status.requests > 0
-            || (self.tasks.tracked() == 0
-                && self.settings.history.is_none()
-                && self.settings.balance_interval.is_none())
+        status.requests > 0 || (self.tasks.tracked() == 0 && !self.periodic_requests)
     }
 }
 
@@ -114,6 +124,21 @@ impl App {
             Ok::<_, StoreError>((store, snapshot))
         })
         .await??;
+        let foreign = snapshot
+            .tasks
+            .iter()
+            .map(|(key, _)| key)
+            .chain(snapshot.tombstones.iter().map(|(key, _)| key))
+            .filter_map(|key| store::split_task_key(key))
+            .filter(|(provider, id)| !settings.shard.owns(provider, id))
+            .count();
+        if foreign > 0 {
+            return Err(StartError::ForeignTasks {
+                path: store.path().to_path_buf(),
+                foreign,
+                count: settings.shard.count,
+            });
+        }
         let store = Arc::new(store);
         metrics.restore(&snapshot.counters);
 
@@ -262,7 +287,11 @@ impl App {
                 self.metrics.clone(),
             )));
         }
-        if let Some(interval) = p.balance_interval {
+        // The balance is one account-wide number: shard 0 alone asks for it. History
+        // pages are read by every shard, each keeping the tasks it owns (another shard's
+        // tasks would otherwise never be found).
+        let balance_owner = self.registry.shard().index == 0;
+        if let Some(interval) = p.balance_interval.filter(|_| balance_owner) {
             handles.push(tokio::spawn(discovery::poll_balance(
                 interval,
                 p.name.clone(),
@@ -278,6 +307,8 @@ impl App {
             upstream,
             tasks,
             handles,
+            periodic_requests: p.history.is_some()
+                || (p.balance_interval.is_some() && balance_owner),
         }
     }
 

@@ -624,16 +624,10 @@ impl ProviderTasks {
     }
 
     /// Restores a task record read from the store (start-up). Finished tasks come back for
-    /// the rest of their retention, in-flight ones are due now.
+    /// the rest of their retention, in-flight ones are due within one interval. The caller
+    /// has checked that this shard owns it (`App::start`).
     pub fn restore_task(&self, id: &str, record: &[u8], now: i64) -> Result<(), DecodeError> {
         let mut inner = self.lock();
-        if !inner.shard.owns(&inner.provider, id) {
-            // Re-sharded: another shard owns it now. Forget it here; that shard's
-            // discovery picks it up. Its counts stay in this shard's totals.
-            let key = store::task_key(&inner.provider, id);
-            inner.deleted.push(key);
-            return Ok(());
-        }
         let decoded = decode_task(record)?;
         let model = inner.models.intern(&decoded.model);
         let slot = inner.insert(id, decoded.source, decoded.first_seen);

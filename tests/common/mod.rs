@@ -182,6 +182,27 @@ impl Exporter {
         env: &[(&str, &str)],
         state_dir: &Path,
     ) -> Exporter {
+        Exporter::try_start_on(listener, yaml, env, state_dir)
+            .await
+            .expect("exporter starts")
+    }
+
+    /// Starts the exporter, or says why it refused to.
+    pub async fn try_start(
+        yaml: &str,
+        env: &[(&str, &str)],
+        state_dir: &Path,
+    ) -> Result<Exporter, genai_task_exporter::app::StartError> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Exporter::try_start_on(listener, yaml, env, state_dir).await
+    }
+
+    async fn try_start_on(
+        listener: tokio::net::TcpListener,
+        yaml: &str,
+        env: &[(&str, &str)],
+        state_dir: &Path,
+    ) -> Result<Exporter, genai_task_exporter::app::StartError> {
         let yaml = format!("state:\n  path: {}\n{yaml}", state_dir.display());
         let file = config::parse(&yaml).expect("test config parses");
         let vars: HashMap<String, String> = env
@@ -192,13 +213,11 @@ impl Exporter {
         let settings =
             config::resolve(file, Path::new("test.yaml"), &Overrides::default(), &lookup)
                 .expect("test config is valid");
-        let app = App::start(settings, None, Overrides::default())
-            .await
-            .expect("exporter starts");
+        let app = App::start(settings, None, Overrides::default()).await?;
         let addr = listener.local_addr().unwrap();
         let router = genai_task_exporter::http::router(app.clone());
         let server = tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-        Exporter { addr, app, server }
+        Ok(Exporter { addr, app, server })
     }
 
     pub fn url(&self, path: &str) -> String {
