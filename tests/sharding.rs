@@ -207,8 +207,8 @@ async fn resharding_from_three_to_four_loses_and_doubles_nothing() {
     let c = cluster(4).await;
     let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut shards = Vec::new();
-    for i in 0..3 {
-        shards.push(shard(&c, i, 3, dirs[i].path()).await);
+    for (i, d) in dirs.iter().take(3).enumerate() {
+        shards.push(shard(&c, i, 3, d.path()).await);
     }
     c.sim.spawn_workload();
     let total = (2 * TASKS) as f64;
