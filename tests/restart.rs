@@ -62,10 +62,18 @@ fn simulator() -> SimConfig {
     }
 }
 
-/// The exporter binary, its `/metrics` URL read from its log.
+/// The exporter binary, its `/metrics` URL read from its log. Killed when dropped, so a
+/// failing assertion leaves no process behind.
 struct Binary {
     child: Child,
     metrics_url: String,
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn start_binary(config: &Path) -> Binary {
@@ -210,7 +218,7 @@ async fn kill_9_mid_way_loses_nothing_and_counts_nothing_twice() {
     println!("killed with {counted_before} of {total} tasks counted");
     assert!(counted_before < total, "the kill must happen mid-way");
 
-    let mut second = start_binary(&config);
+    let second = start_binary(&config);
     let after_restart = scrape(&second.metrics_url).await;
     let lower = never_lower(&before, &after_restart);
     assert!(
@@ -255,7 +263,4 @@ async fn kill_9_mid_way_loses_nothing_and_counts_nothing_twice() {
         m.sum("genai_task_discovered_total", &[("provider", "apimall")]),
         TASKS as f64
     );
-
-    second.child.kill().unwrap();
-    second.child.wait().unwrap();
 }
