@@ -84,7 +84,8 @@ impl Persister {
         let now = now_millis();
         let mut batch = Batch::default();
         let mut staged = Staged::default();
-        for provider in self.registry.providers() {
+        let retired = self.registry.take_retired();
+        for provider in self.registry.providers().into_iter().chain(retired) {
             provider.sweep(now);
             let pending = provider.take_pending();
             batch.put_tasks.extend(pending.batch.put_tasks);

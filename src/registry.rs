@@ -181,6 +181,7 @@ pub struct Pending {
 #[derive(Debug)]
 pub struct Registry {
     providers: RwLock<HashMap<String, Arc<ProviderTasks>>>,
+    retired: Mutex<Vec<Arc<ProviderTasks>>>,
     max_models: usize,
     shard: RwLock<Shard>,
 }
@@ -189,6 +190,7 @@ impl Registry {
     pub fn new(max_models: usize, shard: Shard) -> Self {
         Registry {
             providers: RwLock::new(HashMap::new()),
+            retired: Mutex::new(Vec::new()),
             max_models,
             shard: RwLock::new(shard),
         }
@@ -222,9 +224,17 @@ impl Registry {
     }
 
     /// Forgets a provider removed from the configuration (its store rows stay, so it
-    /// continues where it was if it comes back).
-    pub fn remove_provider(&self, name: &str) -> Option<Arc<ProviderTasks>> {
-        self.providers.write().expect("registry lock").remove(name)
+    /// continues where it was if it comes back). What it had not committed yet is handed to
+    /// the persister once more (see [`Registry::take_retired`]).
+    pub fn remove_provider(&self, name: &str) {
+        if let Some(tasks) = self.providers.write().expect("registry lock").remove(name) {
+            self.retired.lock().expect("registry lock").push(tasks);
+        }
+    }
+
+    /// Providers removed since the last call, for a last commit of their pending work.
+    pub fn take_retired(&self) -> Vec<Arc<ProviderTasks>> {
+        std::mem::take(&mut *self.retired.lock().expect("registry lock"))
     }
 
     pub fn providers(&self) -> Vec<Arc<ProviderTasks>> {
