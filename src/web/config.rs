@@ -14,7 +14,7 @@ use axum::http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use super::tls::{self, ClientAuth, PemSource, TlsSettings};
-use crate::config::{ConfigError, HumanDuration, Problem};
+use crate::config::{ConfigError, HumanDuration, Problem, no_snippet};
 use crate::secret::Secret;
 
 /// The file, key for key.
@@ -159,7 +159,7 @@ fn parse(text: &str) -> Result<WebFile, String> {
         return Ok(WebFile::default());
     }
     let mut key_path = String::new();
-    let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+    let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, no_snippet(), |de| {
         serde_path_to_error::deserialize::<_, WebFile>(de).map_err(|e| {
             key_path = e.path().to_string();
             e.into_inner()
