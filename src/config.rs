@@ -854,6 +854,14 @@ fn load_secret(
             message: format!("one of {key}_env or {key}_file is required"),
         }]),
         (None, None) => Ok(None),
+        // Not a variable name: most likely the key itself, written here by mistake. Say so
+        // without repeating it.
+        (Some(var), None) if !is_env_name(var) => Err(vec![Problem {
+            path: at("env"),
+            message: "is not an environment variable name (letters, digits and '_'); \
+                      name the variable that holds the secret, not the secret"
+                .into(),
+        }]),
         (Some(var), None) => match env.var(var).map(|v| v.trim().to_string()) {
             Some(value) if !value.is_empty() => Ok(Some(Secret::new(value))),
             Some(_) => Err(vec![Problem {
@@ -879,6 +887,16 @@ fn load_secret(
             }]),
         },
     }
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`, at most 128 characters.
+fn is_env_name(name: &str) -> bool {
+    name.len() <= 128
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 impl Settings {
@@ -1014,6 +1032,13 @@ mod tests {
             assert!(!err.contains("sk-inline-7f3e"), "{err}");
             assert!(err.contains("line"), "{err}");
         }
+        let err = resolve_text(
+            "providers:\n  - {name: a, type: apimall, token_env: sk-inline-7f3e}\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(err[0].path, "providers[0].token_env");
+        assert!(!err[0].message.contains("sk-inline-7f3e"), "{err:?}");
     }
 
     #[test]

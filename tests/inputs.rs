@@ -89,9 +89,8 @@ async fn hostile_webhooks_are_refused_counted_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let exporter = start(&fake, &dir).await;
     let client = reqwest::Client::new();
-    let hook = |provider: &str, token: &str| {
-        exporter.url(&format!("/webhooks/{provider}?token={token}"))
-    };
+    let hook =
+        |provider: &str, token: &str| exporter.url(&format!("/webhooks/{provider}?token={token}"));
     let valid = serde_json::json!({"code": 200, "msg": "success", "data": {
         "taskId": "hostile-1", "status": "SUCCESS",
         "input": {"model": "nano-banana"}, "created_at": "2025-01-01T00:00:00Z"
@@ -113,8 +112,18 @@ async fn hostile_webhooks_are_refused_counted_and_change_nothing() {
     let (status, _) = post(exporter.url("/webhooks/mx"), valid.clone().into()).await;
     assert_eq!(status, 401);
     // Unknown provider, and a provider without webhooks.
-    assert_eq!(post(hook("nosuch", WEBHOOK_TOKEN), valid.clone().into()).await.0, 404);
-    assert_eq!(post(hook("am", WEBHOOK_TOKEN), valid.clone().into()).await.0, 404);
+    assert_eq!(
+        post(hook("nosuch", WEBHOOK_TOKEN), valid.clone().into())
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        post(hook("am", WEBHOOK_TOKEN), valid.clone().into())
+            .await
+            .0,
+        404
+    );
     // Not JSON, JSON of another shape, an id that cannot be tracked.
     for body in [
         b"{\"code\": 200, \"data\": {\"taskId\": ".to_vec(),
@@ -128,11 +137,7 @@ async fn hostile_webhooks_are_refused_counted_and_change_nothing() {
     }
     // Deep nesting: refused by the parser's depth limit, not by a stack overflow.
     let depth = 100_000;
-    let nested = format!(
-        "{}{}",
-        "{\"data\":".repeat(depth),
-        "}".repeat(depth)
-    );
+    let nested = format!("{}{}", "{\"data\":".repeat(depth), "}".repeat(depth));
     assert_eq!(post(hook("mx", WEBHOOK_TOKEN), nested.into()).await.0, 400);
     let arrays = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
     assert_eq!(post(hook("mx", WEBHOOK_TOKEN), arrays.into()).await.0, 400);
@@ -143,7 +148,10 @@ async fn hostile_webhooks_are_refused_counted_and_change_nothing() {
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {TWO_MIB}\r\n\r\n"
     );
-    assert_eq!(raw_status(&exporter, head.as_bytes(), &[big.clone()]).await, 413);
+    assert_eq!(
+        raw_status(&exporter, head.as_bytes(), &[big.clone()]).await,
+        413
+    );
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     );
@@ -210,14 +218,25 @@ async fn hostile_registrations_are_refused_and_change_nothing() {
     assert_eq!(register(None, one.clone()).await, 401);
     assert_eq!(register(Some("wrong"), one.clone()).await, 401);
     assert_eq!(
-        register(Some(API_TOKEN), br#"{"provider": "nosuch", "task_ids": ["x"]}"#.to_vec()).await,
+        register(
+            Some(API_TOKEN),
+            br#"{"provider": "nosuch", "task_ids": ["x"]}"#.to_vec()
+        )
+        .await,
         404
     );
     assert_eq!(
-        register(Some(API_TOKEN), br#"{"provider": "mx", "task_ids": ["x"], "extra": 1}"#.to_vec()).await,
+        register(
+            Some(API_TOKEN),
+            br#"{"provider": "mx", "task_ids": ["x"], "extra": 1}"#.to_vec()
+        )
+        .await,
         422
     );
-    assert_eq!(register(Some(API_TOKEN), b"{\"provider\": ".to_vec()).await, 400);
+    assert_eq!(
+        register(Some(API_TOKEN), b"{\"provider\": ".to_vec()).await,
+        400
+    );
     let depth = 100_000;
     // Deep nesting is refused at the first value of the wrong type, before any recursion.
     let nested = format!(
@@ -237,7 +256,12 @@ async fn hostile_registrations_are_refused_and_change_nothing() {
         "a".repeat(TWO_MIB)
     );
     assert_eq!(
-        raw_status(&exporter, head.as_bytes(), &chunked(big.as_bytes(), 64 * 1024)).await,
+        raw_status(
+            &exporter,
+            head.as_bytes(),
+            &chunked(big.as_bytes(), 64 * 1024)
+        )
+        .await,
         413
     );
 
