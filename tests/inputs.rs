@@ -149,7 +149,7 @@ async fn hostile_webhooks_are_refused_counted_and_change_nothing() {
         "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {TWO_MIB}\r\n\r\n"
     );
     assert_eq!(
-        raw_status(&exporter, head.as_bytes(), &[big.clone()]).await,
+        raw_status(&exporter, head.as_bytes(), std::slice::from_ref(&big)).await,
         413
     );
     let head = format!(
