@@ -77,10 +77,12 @@ where
             },
             () = &mut shutdown => break,
         };
-        let Some(tls) = web.config().tls.clone() else {
+        // The current configuration, so that a rotated certificate serves new connections.
+        let config = web.config();
+        let Some(tls) = config.tls.clone() else {
             continue;
         };
-        let http2 = web.config().http2;
+        let http2 = config.http2;
         let router = router.clone();
         let mut stop = stop_rx.clone();
         let done = done_rx.clone();
