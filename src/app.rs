@@ -26,6 +26,17 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("state store task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// The store holds tasks that hash to other shards: the shard count changed. Starting
+    /// anyway would let the new owners count finished tasks a second time.
+    #[error(
+        "state store {path} holds {foreign} task(s) owned by other shards of {count}: the shard count changed; \
+         stop every shard and run `genai-task-exporter reshard --shard.count {count} DIR...` first (see README, \"Scaling out\")"
+    )]
+    ForeignTasks {
+        path: PathBuf,
+        foreign: usize,
+        count: u32,
+    },
 }
 
 /// Builds the adapter of a provider's type.
@@ -43,6 +54,8 @@ pub struct ProviderRuntime {
     pub upstream: Arc<Upstream>,
     pub tasks: Arc<ProviderTasks>,
     handles: Vec<JoinHandle<()>>,
+    /// Whether history or balance requests run on their own, whatever the tasks.
+    periodic_requests: bool,
 }
 
 impl ProviderRuntime {
@@ -55,10 +68,7 @@ impl ProviderRuntime {
     /// Whether the provider has had its first poll: any upstream answer, or nothing to ask.
     pub fn has_polled(&self) -> bool {
         let status = self.upstream.status();
-        status.requests > 0
-            || (self.tasks.tracked() == 0
-                && self.settings.history.is_none()
-                && self.settings.balance_interval.is_none())
+        status.requests > 0 || (self.tasks.tracked() == 0 && !self.periodic_requests)
     }
 }
 
@@ -79,7 +89,9 @@ pub struct App {
     http: reqwest::Client,
     settings: RwLock<Arc<Settings>>,
     runtimes: RwLock<HashMap<String, ProviderRuntime>>,
-    persister: Mutex<Option<JoinHandle<()>>>,
+    /// The one persister (flushes must not interleave) and its periodic task.
+    persister: Arc<tokio::sync::Mutex<Persister>>,
+    persister_task: Mutex<Option<JoinHandle<()>>>,
     loaded: AtomicBool,
     config_path: Option<PathBuf>,
     overrides: Overrides,
@@ -117,9 +129,25 @@ impl App {
             Ok::<_, StoreError>((store, snapshot))
         })
         .await??;
+        let foreign = snapshot
+            .tasks
+            .iter()
+            .map(|(key, _)| key)
+            .chain(snapshot.tombstones.iter().map(|(key, _)| key))
+            .filter_map(|key| store::split_task_key(key))
+            .filter(|(provider, id)| !settings.shard.owns(provider, id))
+            .count();
+        if foreign > 0 {
+            return Err(StartError::ForeignTasks {
+                path: store.path().to_path_buf(),
+                foreign,
+                count: settings.shard.count,
+            });
+        }
         let store = Arc::new(store);
         metrics.restore(&snapshot.counters);
 
+        let persister = Persister::new(store.clone(), registry.clone(), metrics.clone());
         let app = Arc::new(App {
             registry,
             metrics,
@@ -127,7 +155,8 @@ impl App {
             http: build_client(),
             settings: RwLock::new(Arc::new(settings.clone())),
             runtimes: RwLock::new(HashMap::new()),
-            persister: Mutex::new(None),
+            persister: Arc::new(tokio::sync::Mutex::new(persister)),
+            persister_task: Mutex::new(None),
             loaded: AtomicBool::new(false),
             config_path,
             overrides,
@@ -168,9 +197,8 @@ impl App {
             .reload_success_timestamp
             .set(unix_seconds(SystemTime::now()));
 
-        let persister =
-            Persister::new(app.store.clone(), app.registry.clone(), app.metrics.clone());
-        *app.persister.lock().expect("persister lock") = Some(tokio::spawn(persister.run()));
+        *app.persister_task.lock().expect("persister lock") =
+            Some(tokio::spawn(Persister::run(app.persister.clone())));
         app.loaded.store(true, Ordering::SeqCst);
         Ok(app)
     }
@@ -265,7 +293,11 @@ impl App {
                 self.metrics.clone(),
             )));
         }
-        if let Some(interval) = p.balance_interval {
+        // The balance is one account-wide number: shard 0 alone asks for it. History
+        // pages are read by every shard, each keeping the tasks it owns (another shard's
+        // tasks would otherwise never be found).
+        let balance_owner = self.registry.shard().index == 0;
+        if let Some(interval) = p.balance_interval.filter(|_| balance_owner) {
             handles.push(tokio::spawn(discovery::poll_balance(
                 interval,
                 p.name.clone(),
@@ -281,6 +313,8 @@ impl App {
             upstream,
             tasks,
             handles,
+            periodic_requests: p.history.is_some()
+                || (p.balance_interval.is_some() && balance_owner),
         }
     }
 
@@ -420,14 +454,10 @@ impl App {
         for rt in self.runtimes.read().expect("runtimes lock").values() {
             rt.stop();
         }
-        if let Some(h) = self.persister.lock().expect("persister lock").take() {
+        if let Some(h) = self.persister_task.lock().expect("persister lock").take() {
             h.abort();
         }
-        let mut persister = Persister::new(
-            self.store.clone(),
-            self.registry.clone(),
-            self.metrics.clone(),
-        );
+        let mut persister = self.persister.lock().await;
         for _ in 0..3 {
             if persister.flush().await {
                 break;
@@ -438,12 +468,7 @@ impl App {
 
     /// Commits pending changes now (tests and shutdown).
     pub async fn flush(&self) {
-        let mut persister = Persister::new(
-            self.store.clone(),
-            self.registry.clone(),
-            self.metrics.clone(),
-        );
-        persister.flush().await;
+        self.persister.lock().await.flush().await;
     }
 }
 

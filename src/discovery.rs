@@ -103,10 +103,7 @@ pub async fn watch_task_files(
 
 fn file_error(metrics: &Metrics, provider: &str, path: &std::path::Path, error: &str) {
     tracing::warn!(provider, file = %path.display(), error, "cannot read task file");
-    metrics
-        .discovery_errors
-        .with_label_values(&[provider, "file"])
-        .inc();
+    metrics.count_discovery_error(provider, "file");
 }
 
 /// Pages through the history listings every `history.interval` and tracks new ids. Their
@@ -176,10 +173,7 @@ pub async fn poll_history(
 }
 
 fn history_error(metrics: &Metrics, provider: &str) {
-    metrics
-        .discovery_errors
-        .with_label_values(&[provider, "history"])
-        .inc();
+    metrics.count_discovery_error(provider, "history");
 }
 
 /// Reads the account balance every `interval` into `genai_account_credits`.

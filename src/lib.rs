@@ -20,6 +20,7 @@ pub mod persist;
 pub mod poller;
 pub mod providers;
 pub mod registry;
+pub mod reshard;
 pub mod secret;
 pub mod shard;
 pub mod simulator;

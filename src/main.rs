@@ -11,7 +11,7 @@ use genai_task_exporter::logging::{self, Format, Level};
 use genai_task_exporter::metrics::VERSION;
 use genai_task_exporter::simulator::{SimConfig, Simulator};
 use genai_task_exporter::web::{self, Web};
-use genai_task_exporter::{demo, http, upstream};
+use genai_task_exporter::{demo, http, reshard, upstream};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -80,6 +80,12 @@ enum Command {
         )]
         simulator_address: String,
     },
+    /// Move tasks between the stores of stopped shards after the shard count changed.
+    Reshard {
+        /// The state directories of shards 0, 1, ... (as many as --shard.count).
+        #[arg(value_name = "STATE_DIR", required = true)]
+        dirs: Vec<PathBuf>,
+    },
     /// Serve only the simulated provider APIs (both providers' paths on one listener).
     Simulate {
         /// Address to listen on.
@@ -133,6 +139,28 @@ fn main() -> ExitCode {
             run_demo(&listen, &simulator_address)
         }
         Some(Command::Simulate { listen, scenario }) => run_simulator(&listen, scenario),
+        Some(Command::Reshard { dirs }) => {
+            let count = cli.shard_count.unwrap_or(dirs.len() as u32);
+            if count as usize != dirs.len() {
+                eprintln!(
+                    "reshard: give one state directory per shard ({count} for --shard.count {count}), in shard order"
+                );
+                return ExitCode::FAILURE;
+            }
+            match reshard::reshard(&dirs, count) {
+                Ok(report) => {
+                    println!(
+                        "resharded to {count} shard(s): {} task(s) moved, {} kept, {} tombstone(s) moved",
+                        report.tasks_moved, report.tasks_kept, report.tombstones_moved
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("reshard: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         None => {
             let settings = match config::load(&cli.config_file, &overrides, &config::ProcessEnv) {
                 Ok(s) => s,

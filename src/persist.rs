@@ -19,7 +19,6 @@ pub struct Persister {
     metrics: Arc<Metrics>,
     /// A batch whose commit failed: retried before anything new is taken.
     failed: Option<(Batch, Staged)>,
-    last_upstream_rows: Vec<(String, Vec<u8>)>,
 }
 
 impl Persister {
@@ -29,17 +28,17 @@ impl Persister {
             registry,
             metrics,
             failed: None,
-            last_upstream_rows: Vec::new(),
         }
     }
 
-    /// Flushes forever, every [`FLUSH_INTERVAL`].
-    pub async fn run(mut self) {
+    /// Flushes forever, every [`FLUSH_INTERVAL`]. The persister is shared behind a lock:
+    /// staged totals start from the published ones, so two flushes must never interleave.
+    pub async fn run(shared: Arc<tokio::sync::Mutex<Persister>>) {
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            self.flush().await;
+            shared.lock().await.flush().await;
         }
     }
 
@@ -51,7 +50,6 @@ impl Persister {
             None => self.collect(),
         };
         if batch.is_empty() {
-            self.metrics.accounting.publish(staged);
             return true;
         }
         let store = self.store.clone();
@@ -99,13 +97,9 @@ impl Persister {
                 .accounting
                 .stage(&mut staged, provider.name(), &pending.events);
         }
+        let counts = self.metrics.take_pending_counts();
+        self.metrics.accounting.stage_counts(&mut staged, counts);
         batch.put_counters = self.metrics.accounting.encode(&staged);
-        // Upstream counters ride along when they moved.
-        let upstream = self.metrics.upstream_rows();
-        if upstream != self.last_upstream_rows {
-            batch.put_counters.extend(upstream.iter().cloned());
-            self.last_upstream_rows = upstream;
-        }
         (batch, staged)
     }
 }

@@ -203,14 +203,12 @@ impl Upstream {
             Ok(answer) => answer.status.to_string(),
             Err(e) => e.code().to_string(),
         };
-        self.metrics
-            .upstream_duration
-            .with_label_values(&[&self.provider, endpoint.as_str()])
-            .observe(started.elapsed().as_secs_f64());
-        self.metrics
-            .upstream_requests
-            .with_label_values(&[&self.provider, endpoint.as_str(), &code])
-            .inc();
+        self.metrics.record_request(
+            &self.provider,
+            endpoint.as_str(),
+            &code,
+            started.elapsed().as_secs_f64(),
+        );
         self.status.lock().expect("status lock").requests += 1;
         match &result {
             Ok(answer) if answer.status == 429 || answer.status == 503 => {
@@ -297,9 +295,7 @@ impl Upstream {
             Err(failure) => {
                 if let Some(error) = failure.api_error {
                     self.metrics
-                        .upstream_errors
-                        .with_label_values(&[&self.provider, endpoint.as_str(), error])
-                        .inc();
+                        .record_api_error(&self.provider, endpoint.as_str(), error);
                 }
                 let message = format!(
                     "{} request: {}",

@@ -15,6 +15,8 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
 use genai_task_exporter::app::App;
 use genai_task_exporter::config::{self, Overrides};
+use genai_task_exporter::simulator::GroundTruth;
+use genai_task_exporter::task::{FailureReason, Status};
 
 // ---------------------------------------------------------------------------------------
 // Fake upstream
@@ -212,6 +214,38 @@ impl Exporter {
 
     /// Starts the exporter from YAML; `env` supplies the variables the YAML names.
     pub async fn start(yaml: &str, env: &[(&str, &str)], state_dir: &Path) -> Exporter {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Exporter::start_on(listener, yaml, env, state_dir).await
+    }
+
+    /// Same, on a listener bound beforehand (when others must know the address first).
+    pub async fn start_on(
+        listener: tokio::net::TcpListener,
+        yaml: &str,
+        env: &[(&str, &str)],
+        state_dir: &Path,
+    ) -> Exporter {
+        Exporter::try_start_on(listener, yaml, env, state_dir)
+            .await
+            .expect("exporter starts")
+    }
+
+    /// Starts the exporter, or says why it refused to.
+    pub async fn try_start(
+        yaml: &str,
+        env: &[(&str, &str)],
+        state_dir: &Path,
+    ) -> Result<Exporter, genai_task_exporter::app::StartError> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Exporter::try_start_on(listener, yaml, env, state_dir).await
+    }
+
+    async fn try_start_on(
+        listener: tokio::net::TcpListener,
+        yaml: &str,
+        env: &[(&str, &str)],
+        state_dir: &Path,
+    ) -> Result<Exporter, genai_task_exporter::app::StartError> {
         let yaml = format!("state:\n  path: {}\n{yaml}", state_dir.display());
         let file = config::parse(&yaml).expect("test config parses");
         let vars: HashMap<String, String> = env
@@ -222,19 +256,16 @@ impl Exporter {
         let settings =
             config::resolve(file, Path::new("test.yaml"), &Overrides::default(), &lookup)
                 .expect("test config is valid");
-        let app = App::start(settings, None, Overrides::default())
-            .await
-            .expect("exporter starts");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let app = App::start(settings, None, Overrides::default()).await?;
         let addr = listener.local_addr().unwrap();
         let router = genai_task_exporter::http::router(app.clone());
         let server = tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-        Exporter {
+        Ok(Exporter {
             addr,
             app,
             server,
             scheme: "http",
-        }
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -332,7 +363,8 @@ impl Scrape {
 
     /// Sum of every sample `name` whose labels include all of `labels` (0 when none).
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.matching(name, labels).map(|s| s.value).sum()
+        // `+ 0.0` turns the empty sum (-0.0) into 0.
+        self.matching(name, labels).map(|s| s.value).sum::<f64>() + 0.0
     }
 
     pub fn matching<'a>(
@@ -555,4 +587,89 @@ impl Drop for Binary {
             let _ = self.child.wait();
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Ground truth
+// ---------------------------------------------------------------------------------------
+
+/// Compares every task counter with the truth, printing the figures; returns mismatches.
+pub fn compare_with_truth(truth: &GroundTruth, m: &Scrape) -> Vec<String> {
+    let mut mismatches = Vec::new();
+    let mut check = |what: String, expected: f64, got: f64| {
+        let ok = (expected - got).abs() < 1e-9;
+        println!(
+            "{:<70} truth {:>8} exporter {:>8} {}",
+            what,
+            expected,
+            got,
+            if ok { "ok" } else { "MISMATCH" }
+        );
+        if !ok {
+            mismatches.push(what);
+        }
+    };
+    for (provider, p) in &truth.providers {
+        for (model, t) in &p.models {
+            let labels = |extra: (&'static str, &'static str)| {
+                vec![
+                    ("provider", provider.as_str()),
+                    ("model", model.as_str()),
+                    extra,
+                ]
+            };
+            for status in [
+                Status::Succeeded,
+                Status::Failed,
+                Status::TimedOut,
+                Status::Cancelled,
+            ] {
+                let got = m.sum(
+                    "genai_task_completions_total",
+                    &labels(("status", status.as_str())),
+                );
+                check(
+                    format!("{provider}/{model} completions {status}"),
+                    t.terminal.get(status) as f64,
+                    got,
+                );
+            }
+            for reason in FailureReason::ALL {
+                let got = m.sum(
+                    "genai_task_failures_total",
+                    &labels(("reason", reason.as_str())),
+                );
+                check(
+                    format!("{provider}/{model} failures {}", reason.as_str()),
+                    t.failures.get(reason) as f64,
+                    got,
+                );
+            }
+            let base = [("provider", provider.as_str()), ("model", model.as_str())];
+            check(
+                format!("{provider}/{model} credits used"),
+                t.credits_used,
+                m.sum("genai_task_credits_used_total", &base),
+            );
+            check(
+                format!("{provider}/{model} credits refunded"),
+                t.credits_refunded,
+                m.sum("genai_task_credits_refunded_total", &base),
+            );
+            check(
+                format!("{provider}/{model} latency observations"),
+                t.terminal.total() as f64,
+                m.sum("genai_task_completion_latency_seconds_count", &base),
+            );
+        }
+        check(
+            format!("{provider} completions, all models"),
+            p.totals.terminal.total() as f64,
+            m.sum(
+                "genai_task_completions_total",
+                &[("provider", provider.as_str())],
+            ),
+        );
+    }
+    mismatches
 }
