@@ -97,7 +97,12 @@ pub struct App {
     overrides: Overrides,
     /// Serializes reloads (SIGHUP and `POST /-/reload` may race).
     reload_lock: tokio::sync::Mutex<()>,
+    /// Other files re-read with the configuration (the web configuration).
+    reload_hooks: Mutex<Vec<ReloadHook>>,
 }
+
+/// Re-reads something on reload; an error is reported like a configuration error.
+pub type ReloadHook = Box<dyn Fn() -> Result<(), ConfigError> + Send + Sync>;
 
 impl App {
     /// Opens the store, restores counters and tasks, and starts every provider.
@@ -156,6 +161,7 @@ impl App {
             config_path,
             overrides,
             reload_lock: tokio::sync::Mutex::new(()),
+            reload_hooks: Mutex::new(Vec::new()),
         });
 
         let mut by_provider: HashMap<String, Snapshot> = HashMap::new();
@@ -312,10 +318,37 @@ impl App {
         }
     }
 
-    /// Re-reads the configuration file; a valid one replaces the running one, an invalid one
-    /// is reported and changes nothing.
+    /// Adds something to re-read on every reload, after the configuration file.
+    pub fn on_reload(&self, hook: ReloadHook) {
+        self.reload_hooks.lock().expect("hooks lock").push(hook);
+    }
+
+    /// Re-reads the configuration file and then runs the reload hooks. Each file that loads
+    /// replaces the running one; one that does not is reported and changes nothing. The
+    /// reload counts as successful (gauge 1, timestamp moved) only when everything loaded.
     pub async fn reload(&self) -> Result<(), ConfigError> {
         let _guard = self.reload_lock.lock().await;
+        let result = self.reload_config_file().await;
+        let mut hook_error = None;
+        for hook in self.reload_hooks.lock().expect("hooks lock").iter() {
+            if let Err(e) = hook() {
+                tracing::error!(error = %e, "reload failed; keeping the running web configuration");
+                hook_error.get_or_insert(e);
+            }
+        }
+        let result = result.and_then(|()| hook_error.map_or(Ok(()), Err));
+        if result.is_ok() {
+            self.metrics.reload_successful.set(1);
+            self.metrics
+                .reload_success_timestamp
+                .set(unix_seconds(SystemTime::now()));
+        } else {
+            self.metrics.reload_successful.set(0);
+        }
+        result
+    }
+
+    async fn reload_config_file(&self) -> Result<(), ConfigError> {
         let Some(path) = self.config_path.clone() else {
             return Ok(()); // demo: built-in configuration, nothing to re-read
         };
@@ -355,15 +388,10 @@ impl App {
                 settings.latency_buckets = current.latency_buckets.clone();
                 settings.max_models_per_provider = current.max_models_per_provider;
                 self.apply(&settings);
-                self.metrics.reload_successful.set(1);
-                self.metrics
-                    .reload_success_timestamp
-                    .set(unix_seconds(SystemTime::now()));
                 tracing::info!(file = %settings.source.display(), providers = settings.providers.len(), "configuration reloaded");
                 Ok(())
             }
             Err(e) => {
-                self.metrics.reload_successful.set(0);
                 tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
                 Err(e)
             }

@@ -449,6 +449,15 @@ pub fn load(
         .map_err(|problems| ConfigError::Invalid { file, problems })
 }
 
+/// Parser options for files that may hold secrets by mistake: errors name the line and
+/// column but do not quote the file (a `token: sk-...` typo must not reach logs or the
+/// reload answer).
+pub fn no_snippet() -> serde_saphyr::Options {
+    let mut options = serde_saphyr::Options::default();
+    options.with_snippet = false;
+    options
+}
+
 /// Parses YAML text into the file structure. The error text names line and column.
 pub fn parse(text: &str) -> Result<FileConfig, String> {
     if text.trim().is_empty() {
@@ -458,7 +467,7 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
     // serde_path_to_error tells the key path ("providers[1].polling.interval"); saphyr
     // tells line and column and shows the offending line.
     let mut key_path = String::new();
-    let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+    let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, no_snippet(), |de| {
         serde_path_to_error::deserialize::<_, FileConfig>(de).map_err(|e| {
             key_path = e.path().to_string();
             e.into_inner()
@@ -845,6 +854,14 @@ fn load_secret(
             message: format!("one of {key}_env or {key}_file is required"),
         }]),
         (None, None) => Ok(None),
+        // Not a variable name: most likely the key itself, written here by mistake. Say so
+        // without repeating it.
+        (Some(var), None) if !is_env_name(var) => Err(vec![Problem {
+            path: at("env"),
+            message: "is not an environment variable name (letters, digits and '_'); \
+                      name the variable that holds the secret, not the secret"
+                .into(),
+        }]),
         (Some(var), None) => match env.var(var).map(|v| v.trim().to_string()) {
             Some(value) if !value.is_empty() => Ok(Some(Secret::new(value))),
             Some(_) => Err(vec![Problem {
@@ -870,6 +887,16 @@ fn load_secret(
             }]),
         },
     }
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`, at most 128 characters.
+fn is_env_name(name: &str) -> bool {
+    name.len() <= 128
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 impl Settings {
@@ -991,6 +1018,27 @@ mod tests {
         assert!(err.contains('2'), "line number expected: {err}");
         let err = parse("polling:\n  interval: soon\n").unwrap_err();
         assert!(err.contains("invalid duration"), "{err}");
+    }
+
+    #[test]
+    fn parse_errors_do_not_quote_the_file() {
+        // A key written inline by mistake must not be echoed into logs or the reload answer.
+        for text in [
+            "providers:\n  - name: a\n    type: maxapi\n    token: sk-inline-7f3e\n",
+            "providers:\n  - name: a\n    type: maxapi\n    token_env: [sk-inline-7f3e\n",
+            "server: sk-inline-7f3e\n",
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(!err.contains("sk-inline-7f3e"), "{err}");
+            assert!(err.contains("line"), "{err}");
+        }
+        let err = resolve_text(
+            "providers:\n  - {name: a, type: apimall, token_env: sk-inline-7f3e}\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(err[0].path, "providers[0].token_env");
+        assert!(!err[0].message.contains("sk-inline-7f3e"), "{err:?}");
     }
 
     #[test]
