@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::demo::Demo;
 use common::{Scrape, promtool_check_metrics};
 
 struct Running(Child);
@@ -17,7 +18,7 @@ impl Drop for Running {
     }
 }
 
-/// Starts the binary with `args` and returns the first stdout line containing `marker`'s URL.
+/// Starts the binary with `args` and returns the URL printed after `marker`.
 fn start(args: &[&str], marker: &str) -> (Running, String) {
     genai_task_exporter::upstream::install_crypto_provider(); // for this test's own client
     let mut child = Command::new(env!("CARGO_BIN_EXE_genai-task-exporter"))
@@ -44,17 +45,10 @@ fn start(args: &[&str], marker: &str) -> (Running, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_clean_metrics_with_every_provider_up_within_10_seconds() {
+    genai_task_exporter::upstream::install_crypto_provider(); // for this test's own client
     let started = Instant::now();
-    let (_demo, url) = start(
-        &[
-            "demo",
-            "--web.listen-address",
-            "127.0.0.1:0",
-            "--simulator.listen-address",
-            "127.0.0.1:0",
-        ],
-        "metrics:",
-    );
+    let demo = Demo::start();
+    let url = demo.metrics_url.clone();
     let m = loop {
         if let Ok(r) = reqwest::get(&url).await {
             let m = Scrape::parse(&r.text().await.unwrap());
@@ -73,7 +67,7 @@ async fn demo_serves_clean_metrics_with_every_provider_up_within_10_seconds() {
     };
     println!("demo ready in {:?}", started.elapsed());
     assert_eq!(promtool_check_metrics(&m.text), "");
-    let landing = reqwest::get(url.replace("/metrics", "/"))
+    let landing = reqwest::get(&demo.landing_url)
         .await
         .unwrap()
         .text()

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -179,25 +179,7 @@ async fn kill_9_mid_way_loses_nothing_and_counts_nothing_twice() {
     std::fs::write(&ids_file, "").unwrap();
 
     // maxapi tasks reach the exporter through a task file, as a submitting job would write it.
-    let writer_sim = sim.clone();
-    let writer_file = ids_file.clone();
-    tokio::spawn(async move {
-        let mut after = 0;
-        loop {
-            let list = writer_sim.task_ids(SimProvider::Maxapi, after, 10_000);
-            if !list.task_ids.is_empty() {
-                let mut f = std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(&writer_file)
-                    .unwrap();
-                for id in &list.task_ids {
-                    writeln!(f, "{id}").unwrap();
-                }
-                after = list.next;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
+    common::spawn_task_file_writer(sim.clone(), SimProvider::Maxapi, ids_file.clone());
 
     let mut first = start_binary(&config);
     sim.spawn_workload();

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -65,24 +64,7 @@ async fn cluster(shards: usize) -> Cluster {
     let files = tempfile::tempdir().unwrap();
     let ids_file = files.path().join("maxapi.txt");
     std::fs::write(&ids_file, "").unwrap();
-    let (writer_sim, writer_file) = (sim.clone(), ids_file.clone());
-    tokio::spawn(async move {
-        let mut after = 0;
-        loop {
-            let list = writer_sim.task_ids(SimProvider::Maxapi, after, 10_000);
-            if !list.task_ids.is_empty() {
-                let mut f = std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(&writer_file)
-                    .unwrap();
-                for id in &list.task_ids {
-                    writeln!(f, "{id}").unwrap();
-                }
-                after = list.next;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    common::spawn_task_file_writer(sim.clone(), SimProvider::Maxapi, ids_file.clone());
     Cluster {
         sim,
         sim_addr,

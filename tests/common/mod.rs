@@ -2,6 +2,8 @@
 //! 127.0.0.1:0, and a parser for the text exposition format.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod demo;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -672,4 +674,31 @@ pub fn compare_with_truth(truth: &GroundTruth, m: &Scrape) -> Vec<String> {
         );
     }
     mismatches
+}
+
+/// Appends every id the simulator creates for `provider` to `file`, as a job that submits
+/// tasks would: the exporter finds them through `task_files`.
+pub fn spawn_task_file_writer(
+    sim: genai_task_exporter::simulator::Simulator,
+    provider: genai_task_exporter::simulator::SimProvider,
+    file: std::path::PathBuf,
+) {
+    use std::io::Write;
+    tokio::spawn(async move {
+        let mut after = 0;
+        loop {
+            let list = sim.task_ids(provider, after, 10_000);
+            if !list.task_ids.is_empty() {
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&file)
+                    .unwrap();
+                for id in &list.task_ids {
+                    writeln!(f, "{id}").unwrap();
+                }
+                after = list.next;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
 }
