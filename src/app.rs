@@ -276,6 +276,12 @@ impl App {
             upstream.clone(),
             adapter.clone(),
         ))];
+        if !p.tasks.is_empty() {
+            handles.push(tokio::spawn(discovery::keep_static(
+                tasks.clone(),
+                p.tasks.clone(),
+            )));
+        }
         if !p.task_files.is_empty() {
             handles.push(tokio::spawn(discovery::watch_task_files(
                 p.clone(),

@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{HistorySettings, ProviderSettings};
 use crate::metrics::Metrics;
 use crate::poller::interpret;
 use crate::providers::Adapter;
-use crate::registry::{ProviderTasks, Source, TrackOutcome};
+use crate::registry::{ProviderTasks, Source, TOMBSTONE_REFRESH_MS, TrackOutcome};
 use crate::task::now_millis;
 use crate::upstream::{Endpoint, Upstream};
 
@@ -19,12 +19,26 @@ pub const HISTORY_PAGE_LIMIT: u32 = 50;
 /// Task files larger than this are refused: one id per line makes this millions of ids.
 const MAX_TASK_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
+/// How often sources that do not list their ids again by themselves (static ids, unchanged
+/// task files) mention them anyway, to keep the tombstones of finished ones fresh.
+const REMENTION_INTERVAL: Duration = Duration::from_millis(TOMBSTONE_REFRESH_MS as u64);
+
 /// Tracks the static ids of the configuration.
 pub fn track_static(tasks: &ProviderTasks, ids: &[String]) -> usize {
     let now = now_millis();
     ids.iter()
         .filter(|id| tasks.track(id, Source::Static, now) == TrackOutcome::New)
         .count()
+}
+
+/// Mentions the static ids again every [`REMENTION_INTERVAL`] (they were tracked at start).
+pub async fn keep_static(tasks: Arc<ProviderTasks>, ids: Vec<String>) {
+    let mut tick = tokio::time::interval(REMENTION_INTERVAL);
+    tick.tick().await; // the first tick is immediate: start-up already tracked them
+    loop {
+        tick.tick().await;
+        track_static(&tasks, &ids);
+    }
 }
 
 /// Parses a task file: one id per line, `#` starts a comment, blank lines ignored.
@@ -44,8 +58,15 @@ pub async fn watch_task_files(
     let mut seen: HashMap<PathBuf, (SystemTime, u64)> = HashMap::new();
     let mut tick = tokio::time::interval(settings.polling.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_full_read = Instant::now();
     loop {
         tick.tick().await;
+        // Re-read unchanged files now and then too: mentioning their finished ids again keeps
+        // their tombstones from expiring (see `registry::TOMBSTONE_TTL_MS`).
+        if last_full_read.elapsed() >= REMENTION_INTERVAL {
+            last_full_read = Instant::now();
+            seen.clear();
+        }
         let patterns = settings.task_files.clone();
         let files: Vec<PathBuf> = tokio::task::spawn_blocking(move || {
             patterns

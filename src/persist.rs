@@ -2,16 +2,18 @@
 //! commits it with the counter totals it moved, and only then publishes the counters.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::metrics::{Metrics, Staged};
-use crate::registry::Registry;
+use crate::registry::{Registry, TOMBSTONE_TTL_MS};
 use crate::store::{Batch, Store};
 use crate::task::now_millis;
 
 /// How often changes are committed: small enough that counters look live, large enough
 /// that thousands of answers a second become a handful of transactions.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+/// How often expired tombstones are deleted from the store (a full scan of that table).
+const TOMBSTONE_EXPIRY_INTERVAL: Duration = Duration::from_secs(3600);
 
 pub struct Persister {
     store: Arc<Store>,
@@ -36,9 +38,34 @@ impl Persister {
     pub async fn run(shared: Arc<tokio::sync::Mutex<Persister>>) {
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_expiry = Instant::now();
         loop {
             tick.tick().await;
-            shared.lock().await.flush().await;
+            let mut persister = shared.lock().await;
+            persister.flush().await;
+            if last_expiry.elapsed() >= TOMBSTONE_EXPIRY_INTERVAL {
+                last_expiry = Instant::now();
+                persister.expire_tombstones().await;
+            }
+        }
+    }
+
+    /// Deletes the store rows of tombstones past their time (the registry forgets them in
+    /// memory on its own sweep).
+    async fn expire_tombstones(&self) {
+        let store = self.store.clone();
+        let cutoff = now_millis() - TOMBSTONE_TTL_MS;
+        match tokio::task::spawn_blocking(move || store.expire_tombstones(cutoff)).await {
+            Ok(Ok(n)) if n > 0 => tracing::debug!(expired = n, "forgot old tombstones"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot expire tombstones; retrying later");
+                self.metrics
+                    .store_errors
+                    .with_label_values(&["expire"])
+                    .inc();
+            }
+            Err(e) => tracing::warn!(error = %e, "tombstone expiry task failed"),
         }
     }
 

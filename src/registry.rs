@@ -29,11 +29,13 @@ pub const MODEL_UNKNOWN: &str = "unknown";
 pub const MODEL_OTHER: &str = "other";
 
 /// How long an id stays remembered after its task left the registry, counted from the last
-/// time any source mentioned it. Sources that keep listing an id (static lists, files,
-/// history pages) keep its tombstone fresh, so it is never counted twice.
-pub const TOMBSTONE_TTL_MS: i64 = 7 * 24 * 3600 * 1000;
+/// time any source mentioned it. Sources that keep listing an id keep its tombstone fresh:
+/// history pages at every listing, static ids and task files at least every
+/// [`TOMBSTONE_REFRESH_MS`] (see `discovery`). So an id is never counted twice, and ids that no
+/// source mentions any more are forgotten after a day: memory stays bounded.
+pub const TOMBSTONE_TTL_MS: i64 = 24 * 3600 * 1000;
 /// A tombstone's refreshed time is written back at most this often.
-const TOMBSTONE_REFRESH_MS: i64 = 3600 * 1000;
+pub const TOMBSTONE_REFRESH_MS: i64 = 3600 * 1000;
 /// A task answering "not found" this many times in a row, over at least a minute, is dropped.
 const NOT_FOUND_LIMIT: u16 = 3;
 const NOT_FOUND_MIN_SPAN_MS: i64 = 60_000;
@@ -336,12 +338,12 @@ struct Inner {
     counts: Vec<[u64; 7]>,
     /// Creation times of pending/running tasks, with multiplicity.
     in_flight: BTreeMap<i64, u32>,
-    tombstones: HashMap<Box<str>, i64>,
+    /// Remembered ids, by [`id_hash`] (8 bytes instead of the id): last mention, ms.
+    tombstones: HashMap<u64, i64>,
     // Persistence work not yet taken by the persister.
     dirty: HashSet<u32>,
     deleted: Vec<String>,
     tombstones_put: Vec<(String, i64)>,
-    tombstones_deleted: Vec<String>,
     events: Vec<Event>,
     last_tombstone_sweep: i64,
 }
@@ -414,7 +416,6 @@ impl ProviderTasks {
                 dirty: HashSet::new(),
                 deleted: Vec::new(),
                 tombstones_put: Vec::new(),
-                tombstones_deleted: Vec::new(),
                 events: Vec::new(),
                 last_tombstone_sweep: 0,
             }),
@@ -626,7 +627,6 @@ impl ProviderTasks {
         }
         batch.delete_tasks = std::mem::take(&mut inner.deleted);
         batch.put_tombstones = std::mem::take(&mut inner.tombstones_put);
-        batch.delete_tombstones = std::mem::take(&mut inner.tombstones_deleted);
         Pending {
             batch,
             events: std::mem::take(&mut inner.events),
@@ -673,7 +673,7 @@ impl ProviderTasks {
     }
 
     pub fn restore_tombstone(&self, id: &str, last_seen: i64) {
-        self.lock().tombstones.insert(id.into(), last_seen);
+        self.lock().tombstones.insert(id_hash(id), last_seen);
     }
 }
 
@@ -710,7 +710,7 @@ impl Inner {
         if self.index.contains_key(id) {
             return TrackOutcome::Known;
         }
-        if let Some(last) = self.tombstones.get_mut(id) {
+        if let Some(last) = self.tombstones.get_mut(&id_hash(id)) {
             if now - *last >= TOMBSTONE_REFRESH_MS {
                 *last = now;
                 let key = store::task_key(&self.provider, id);
@@ -945,7 +945,7 @@ impl Inner {
         self.dirty.remove(&slot);
         let key = store::task_key(&self.provider, &task.id);
         self.deleted.push(key.clone());
-        self.tombstones.insert(Box::from(&*task.id), now);
+        self.tombstones.insert(id_hash(&task.id), now);
         self.tombstones_put.push((key, now));
         if let Some(reason) = reason {
             self.events.push(Event::Dropped { reason });
@@ -966,20 +966,12 @@ impl Inner {
                 self.remove(slot, now, None);
             }
         }
-        // Tombstones: a full pass, at most once a minute.
+        // Tombstones: a full pass, at most once a minute. (Their store rows are expired by
+        // the persister, `Store::expire_tombstones`.)
         if now - self.last_tombstone_sweep >= 60_000 {
             self.last_tombstone_sweep = now;
-            let expired: Vec<Box<str>> = self
-                .tombstones
-                .iter()
-                .filter(|(_, last)| now - **last > TOMBSTONE_TTL_MS)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in expired {
-                self.tombstones.remove(&id);
-                let key = store::task_key(&self.provider, &id);
-                self.tombstones_deleted.push(key);
-            }
+            self.tombstones
+                .retain(|_, last| now - *last <= TOMBSTONE_TTL_MS);
         }
     }
 
@@ -1005,6 +997,16 @@ impl Inner {
             last_error: t.last_error.as_deref().map(str::to_string),
         }
     }
+}
+
+/// A stable 64-bit hash of a task id, for the tombstone set (SipHash with fixed keys:
+/// collisions among millions of ids are vanishingly unlikely, and harmless but for one
+/// task not being tracked).
+fn id_hash(id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    id.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn decrement(map: &mut BTreeMap<i64, u32>, key: i64) {

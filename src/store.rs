@@ -19,6 +19,8 @@ const COUNTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("counters");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const SCHEMA_VERSION: u64 = 1;
+/// Page cache of the store.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
 const DB_FILE: &str = "state.redb";
 
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +112,11 @@ impl Store {
             path: path.clone(),
             message: e.to_string(),
         };
-        let db = Database::create(&path).map_err(|e| err(&e))?;
+        // redb's page cache defaults to 1 GiB; our working set is the recent batches.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| err(&e))?;
         let store = Store { db, path };
         store.init_schema()?;
         Ok(store)
@@ -212,6 +218,21 @@ impl Store {
         Ok(snapshot)
     }
 
+    /// Deletes tombstones last mentioned before `cutoff` (ms); returns how many.
+    pub fn expire_tombstones(&self, cutoff: i64) -> Result<usize, StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let expired = {
+            let mut table = txn.open_table(TOMBSTONES).map_err(|e| self.err(e))?;
+            let before = table.len().map_err(|e| self.err(e))?;
+            table
+                .retain(|_, last| last >= cutoff)
+                .map_err(|e| self.err(e))?;
+            before - table.len().map_err(|e| self.err(e))?
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(expired as usize)
+    }
+
     /// Writes a batch atomically and durably.
     pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         if batch.is_empty() {
@@ -281,5 +302,8 @@ mod tests {
         let other = store.load_provider("m").unwrap();
         assert!(other.tasks.is_empty(), "prefix of another provider's name");
         assert_eq!(store.load_provider("mx").unwrap().tasks.len(), 1);
+        assert_eq!(store.expire_tombstones(41).unwrap(), 0);
+        assert_eq!(store.expire_tombstones(43).unwrap(), 1);
+        assert!(store.load().unwrap().tombstones.is_empty());
     }
 }
