@@ -328,6 +328,9 @@ impl Upstream {
         self.failures_in_a_row.store(0, Ordering::Relaxed);
         let now = SystemTime::now();
         let mut status = self.status.lock().expect("status lock");
+        if !status.up && status.last_error.is_some() {
+            tracing::info!(provider = %self.provider, "provider answers again");
+        }
         status.up = true;
         status.last_success = Some(now);
         self.metrics
