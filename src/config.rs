@@ -465,7 +465,7 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
         return Ok(FileConfig::default());
     }
     // serde_path_to_error tells the key path ("providers[1].polling.interval"); saphyr
-    // tells line and column and shows the offending line.
+    // tells line and column (without quoting the file, see `no_snippet`).
     let mut key_path = String::new();
     let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, no_snippet(), |de| {
         serde_path_to_error::deserialize::<_, FileConfig>(de).map_err(|e| {
