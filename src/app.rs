@@ -280,6 +280,7 @@ impl App {
             handles.push(tokio::spawn(discovery::keep_static(
                 tasks.clone(),
                 p.tasks.clone(),
+                crate::registry::remention_interval(&p.polling),
             )));
         }
         if !p.task_files.is_empty() {

@@ -76,6 +76,7 @@ pub struct PollingFile {
     pub max_concurrency: Option<u32>,
     pub max_task_age: Option<HumanDuration>,
     pub retention: Option<HumanDuration>,
+    pub forget_after: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -283,6 +284,9 @@ pub struct Polling {
     pub max_concurrency: u32,
     pub max_task_age: Duration,
     pub retention: Duration,
+    /// How long the id of a finished task is remembered after the last time a source
+    /// mentioned it, so that it is not tracked and counted again.
+    pub forget_after: Duration,
 }
 
 impl Default for Polling {
@@ -295,6 +299,7 @@ impl Default for Polling {
             max_concurrency: 8,
             max_task_age: Duration::from_secs(6 * 3600),
             retention: Duration::from_secs(3600),
+            forget_after: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -313,6 +318,7 @@ impl Polling {
             max_concurrency: overrides.max_concurrency.unwrap_or(self.max_concurrency),
             max_task_age: d(overrides.max_task_age, self.max_task_age),
             retention: d(overrides.retention, self.retention),
+            forget_after: d(overrides.forget_after, self.forget_after),
         }
     }
 }
@@ -642,6 +648,16 @@ fn check_polling(at: &str, p: &Polling, problem: &mut impl FnMut(&str, String)) 
         problem(
             &format!("{at}.max_task_age"),
             "must be greater than 0".into(),
+        );
+    }
+    if p.forget_after < p.retention {
+        problem(
+            &format!("{at}.forget_after"),
+            format!(
+                "{} is shorter than retention {}",
+                humantime::format_duration(p.forget_after),
+                humantime::format_duration(p.retention)
+            ),
         );
     }
 }

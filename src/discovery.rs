@@ -10,7 +10,7 @@ use crate::config::{HistorySettings, ProviderSettings};
 use crate::metrics::Metrics;
 use crate::poller::interpret;
 use crate::providers::Adapter;
-use crate::registry::{ProviderTasks, Source, TOMBSTONE_REFRESH_MS, TrackOutcome};
+use crate::registry::{ProviderTasks, Source, TrackOutcome, remention_interval};
 use crate::task::now_millis;
 use crate::upstream::{Endpoint, Upstream};
 
@@ -18,10 +18,6 @@ use crate::upstream::{Endpoint, Upstream};
 pub const HISTORY_PAGE_LIMIT: u32 = 50;
 /// Task files larger than this are refused: one id per line makes this millions of ids.
 const MAX_TASK_FILE_BYTES: u64 = 64 * 1024 * 1024;
-
-/// How often sources that do not list their ids again by themselves (static ids, unchanged
-/// task files) mention them anyway, to keep the tombstones of finished ones fresh.
-const REMENTION_INTERVAL: Duration = Duration::from_millis(TOMBSTONE_REFRESH_MS as u64);
 
 /// Tracks the static ids of the configuration.
 pub fn track_static(tasks: &ProviderTasks, ids: &[String]) -> usize {
@@ -31,9 +27,10 @@ pub fn track_static(tasks: &ProviderTasks, ids: &[String]) -> usize {
         .count()
 }
 
-/// Mentions the static ids again every [`REMENTION_INTERVAL`] (they were tracked at start).
-pub async fn keep_static(tasks: Arc<ProviderTasks>, ids: Vec<String>) {
-    let mut tick = tokio::time::interval(REMENTION_INTERVAL);
+/// Mentions the static ids again every `interval` (they were tracked at start), which keeps
+/// the tombstones of finished ones fresh (see `registry::remention_interval`).
+pub async fn keep_static(tasks: Arc<ProviderTasks>, ids: Vec<String>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
     tick.tick().await; // the first tick is immediate: start-up already tracked them
     loop {
         tick.tick().await;
@@ -59,11 +56,12 @@ pub async fn watch_task_files(
     let mut tick = tokio::time::interval(settings.polling.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_full_read = Instant::now();
+    let remention = remention_interval(&settings.polling);
     loop {
         tick.tick().await;
         // Re-read unchanged files now and then too: mentioning their finished ids again keeps
-        // their tombstones from expiring (see `registry::TOMBSTONE_TTL_MS`).
-        if last_full_read.elapsed() >= REMENTION_INTERVAL {
+        // their tombstones from expiring (see `registry::remention_interval`).
+        if last_full_read.elapsed() >= remention {
             last_full_read = Instant::now();
             seen.clear();
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::metrics::{Metrics, Staged};
-use crate::registry::{Registry, TOMBSTONE_TTL_MS};
+use crate::registry::Registry;
 use crate::store::{Batch, Store};
 use crate::task::now_millis;
 
@@ -54,7 +54,11 @@ impl Persister {
     /// memory on its own sweep).
     async fn expire_tombstones(&self) {
         let store = self.store.clone();
-        let cutoff = now_millis() - TOMBSTONE_TTL_MS;
+        let ttl = self.registry.max_tombstone_ttl_ms();
+        if ttl == 0 {
+            return; // no provider configured: nothing to judge by
+        }
+        let cutoff = now_millis() - ttl;
         match tokio::task::spawn_blocking(move || store.expire_tombstones(cutoff)).await {
             Ok(Ok(n)) if n > 0 => tracing::debug!(expired = n, "forgot old tombstones"),
             Ok(Ok(_)) => {}

@@ -28,14 +28,16 @@ pub const MODEL_UNKNOWN: &str = "unknown";
 /// Model label for names past `max_models_per_provider`.
 pub const MODEL_OTHER: &str = "other";
 
-/// How long an id stays remembered after its task left the registry, counted from the last
-/// time any source mentioned it. Sources that keep listing an id keep its tombstone fresh:
-/// history pages at every listing, static ids and task files at least every
-/// [`TOMBSTONE_REFRESH_MS`] (see `discovery`). So an id is never counted twice, and ids that no
-/// source mentions any more are forgotten after a day: memory stays bounded.
-pub const TOMBSTONE_TTL_MS: i64 = 24 * 3600 * 1000;
-/// A tombstone's refreshed time is written back at most this often.
-pub const TOMBSTONE_REFRESH_MS: i64 = 3600 * 1000;
+/// How often static ids and unchanged task files are mentioned again: three times per
+/// `forget_after`. An id stays remembered (a tombstone) for `forget_after` after the last time
+/// any source mentioned it; history pages mention their ids at every listing, and the
+/// exporter mentions static ids and task files itself at this pace. So an id that a source
+/// keeps listing is never counted twice, and ids that no source mentions any more are
+/// forgotten: memory stays bounded.
+pub fn remention_interval(polling: &Polling) -> std::time::Duration {
+    (polling.forget_after / 3).max(std::time::Duration::from_secs(1))
+}
+
 /// A task answering "not found" this many times in a row, over at least a minute, is dropped.
 const NOT_FOUND_LIMIT: u16 = 3;
 const NOT_FOUND_MIN_SPAN_MS: i64 = 60_000;
@@ -249,6 +251,15 @@ impl Registry {
     pub fn shard(&self) -> Shard {
         *self.shard.read().expect("registry lock")
     }
+
+    /// The longest tombstone lifetime of any provider (store rows older than it can go).
+    pub fn max_tombstone_ttl_ms(&self) -> i64 {
+        self.providers()
+            .iter()
+            .map(|p| p.lock().policy.tombstone_ttl_ms)
+            .max()
+            .unwrap_or(0)
+    }
 }
 
 /// One provider's tasks. Every method takes the lock briefly and never awaits.
@@ -266,6 +277,9 @@ struct Policy {
     max_interval_ms: i64,
     max_task_age_ms: i64,
     retention_ms: i64,
+    /// Re-mentions come every `remention_ms`; a tombstone lives `tombstone_ttl_ms` after one.
+    remention_ms: i64,
+    tombstone_ttl_ms: i64,
 }
 
 impl Policy {
@@ -275,6 +289,8 @@ impl Policy {
             max_interval_ms: p.max_interval.as_millis() as i64,
             max_task_age_ms: p.max_task_age.as_millis() as i64,
             retention_ms: p.retention.as_millis() as i64,
+            remention_ms: remention_interval(p).as_millis() as i64,
+            tombstone_ttl_ms: p.forget_after.as_millis() as i64,
         }
     }
 
@@ -345,7 +361,10 @@ struct Inner {
     deleted: Vec<String>,
     tombstones_put: Vec<(String, i64)>,
     events: Vec<Event>,
-    last_tombstone_sweep: i64,
+    /// Time of the last tombstone pass; `None` until the first sweep, which only starts the
+    /// clock: after a long stop, sources mention their ids again (refreshing them) within a
+    /// minute, before old tombstones are judged.
+    last_tombstone_sweep: Option<i64>,
 }
 
 /// Model names of one provider, bounded: index 0 is `unknown`, 1 is `other`.
@@ -417,7 +436,7 @@ impl ProviderTasks {
                 deleted: Vec::new(),
                 tombstones_put: Vec::new(),
                 events: Vec::new(),
-                last_tombstone_sweep: 0,
+                last_tombstone_sweep: None,
             }),
             wake: Notify::new(),
         }
@@ -711,7 +730,8 @@ impl Inner {
             return TrackOutcome::Known;
         }
         if let Some(last) = self.tombstones.get_mut(&id_hash(id)) {
-            if now - *last >= TOMBSTONE_REFRESH_MS {
+            // Written back at most once per re-mention period.
+            if now - *last >= self.policy.remention_ms / 2 {
                 *last = now;
                 let key = store::task_key(&self.provider, id);
                 self.tombstones_put.push((key, now));
@@ -968,10 +988,11 @@ impl Inner {
         }
         // Tombstones: a full pass, at most once a minute. (Their store rows are expired by
         // the persister, `Store::expire_tombstones`.)
-        if now - self.last_tombstone_sweep >= 60_000 {
-            self.last_tombstone_sweep = now;
-            self.tombstones
-                .retain(|_, last| now - *last <= TOMBSTONE_TTL_MS);
+        let last = *self.last_tombstone_sweep.get_or_insert(now);
+        if now - last >= 60_000 {
+            self.last_tombstone_sweep = Some(now);
+            let ttl = self.policy.tombstone_ttl_ms;
+            self.tombstones.retain(|_, last| now - *last <= ttl);
         }
     }
 
@@ -1205,6 +1226,7 @@ mod tests {
             interval: Duration::from_secs(10),
             max_interval: Duration::from_secs(60),
             retention: Duration::from_secs(100),
+            forget_after: Duration::from_secs(300),
             max_task_age: Duration::from_secs(1000),
             ..Polling::default()
         }
@@ -1302,6 +1324,32 @@ mod tests {
         assert_eq!(completed(&pending.events), 1);
         assert_eq!(pending.batch.delete_tasks.len(), 1);
         assert_eq!(pending.batch.put_tombstones.len(), 1);
+    }
+
+    #[test]
+    fn tombstones_live_forget_after_the_last_mention() {
+        let p = tasks(); // tombstones live forget_after = 300 s after a mention
+        for id in ["kept", "forgotten"] {
+            p.track(id, Source::Static, 0);
+            p.observe(&obs(id, Status::Succeeded), 0);
+        }
+        p.sweep(100_000); // retention over: both leave the registry, tombstones remain
+        assert_eq!(p.tracked(), 0);
+        for now in [200_000, 350_000] {
+            assert_eq!(
+                p.track("kept", Source::Static, now),
+                TrackOutcome::Remembered
+            );
+        }
+        p.sweep(500_000);
+        assert_eq!(
+            p.track("kept", Source::Static, 500_000),
+            TrackOutcome::Remembered
+        );
+        assert_eq!(
+            p.track("forgotten", Source::Static, 500_000),
+            TrackOutcome::New
+        );
     }
 
     #[test]

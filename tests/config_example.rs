@@ -19,6 +19,7 @@ const KEYS: &[&str] = &[
     "polling.max_concurrency",
     "polling.max_task_age",
     "polling.retention",
+    "polling.forget_after",
     "state",
     "state.path",
     "metrics",
