@@ -12,7 +12,7 @@ use crate::task::now_millis;
 /// How often changes are committed: small enough that counters look live, large enough
 /// that thousands of answers a second become a handful of transactions.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
-/// How often expired tombstones are deleted from the store (a full scan of that table).
+/// At most how long expired tombstones wait to be deleted from the store (a full scan).
 const TOMBSTONE_EXPIRY_INTERVAL: Duration = Duration::from_secs(3600);
 
 pub struct Persister {
@@ -43,7 +43,11 @@ impl Persister {
             tick.tick().await;
             let mut persister = shared.lock().await;
             persister.flush().await;
-            if last_expiry.elapsed() >= TOMBSTONE_EXPIRY_INTERVAL {
+            // Hourly, or once per `forget_after` when that is shorter: the store holds no
+            // more than about two periods of tombstones.
+            let ttl =
+                Duration::from_millis(persister.registry.max_tombstone_ttl_ms().max(1000) as u64);
+            if last_expiry.elapsed() >= TOMBSTONE_EXPIRY_INTERVAL.min(ttl) {
                 last_expiry = Instant::now();
                 persister.expire_tombstones().await;
             }
