@@ -218,6 +218,7 @@ fn polling(rate: f64, concurrency: u32, interval: Duration) -> Polling {
         max_concurrency: concurrency,
         max_task_age: Duration::from_secs(6 * 3600),
         retention: Duration::from_secs(3600),
+        ..Polling::default()
     }
 }
 
@@ -393,11 +394,10 @@ impl Drop for ResponderProcess {
 // 1. Poll throughput
 // ---------------------------------------------------------------------------------------
 
+/// Upstream requests sent so far (live; the durable counter moves at each commit).
 fn requests_ok(app: &App) -> u64 {
-    app.metrics
-        .upstream_requests
-        .with_label_values(&[PROVIDER, "task", "200"])
-        .get()
+    app.with_runtime(PROVIDER, |rt| rt.upstream.status().requests)
+        .expect("provider runs")
 }
 
 async fn poll(upstream: SocketAddr, connections: u32, seconds: u64) {

@@ -26,6 +26,17 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("state store task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// The store holds tasks that hash to other shards: the shard count changed. Starting
+    /// anyway would let the new owners count finished tasks a second time.
+    #[error(
+        "state store {path} holds {foreign} task(s) owned by other shards of {count}: the shard count changed; \
+         stop every shard and run `genai-task-exporter reshard --shard.count {count} DIR...` first (see README, \"Scaling out\")"
+    )]
+    ForeignTasks {
+        path: PathBuf,
+        foreign: usize,
+        count: u32,
+    },
 }
 
 /// Builds the adapter of a provider's type.
@@ -43,6 +54,8 @@ pub struct ProviderRuntime {
     pub upstream: Arc<Upstream>,
     pub tasks: Arc<ProviderTasks>,
     handles: Vec<JoinHandle<()>>,
+    /// Whether history or balance requests run on their own, whatever the tasks.
+    periodic_requests: bool,
 }
 
 impl ProviderRuntime {
@@ -55,10 +68,7 @@ impl ProviderRuntime {
     /// Whether the provider has had its first poll: any upstream answer, or nothing to ask.
     pub fn has_polled(&self) -> bool {
         let status = self.upstream.status();
-        status.requests > 0
-            || (self.tasks.tracked() == 0
-                && self.settings.history.is_none()
-                && self.settings.balance_interval.is_none())
+        status.requests > 0 || (self.tasks.tracked() == 0 && !self.periodic_requests)
     }
 }
 
@@ -87,7 +97,12 @@ pub struct App {
     overrides: Overrides,
     /// Serializes reloads (SIGHUP and `POST /-/reload` may race).
     reload_lock: tokio::sync::Mutex<()>,
+    /// Other files re-read with the configuration (the web configuration).
+    reload_hooks: Mutex<Vec<ReloadHook>>,
 }
+
+/// Re-reads something on reload; an error is reported like a configuration error.
+pub type ReloadHook = Box<dyn Fn() -> Result<(), ConfigError> + Send + Sync>;
 
 impl App {
     /// Opens the store, restores counters and tasks, and starts every provider.
@@ -108,12 +123,29 @@ impl App {
 
         let state_path = settings.state_path.clone();
         let started = std::time::Instant::now();
-        let (store, counters) = tokio::task::spawn_blocking(move || {
+        let shard = settings.shard;
+        let (store, counters, foreign) = tokio::task::spawn_blocking(move || {
             let store = Store::open(&state_path)?;
             let counters = store.load_counters()?;
-            Ok::<_, StoreError>((store, counters))
+            // A single shard owns every task: no need to read the keys.
+            let mut foreign = 0;
+            if shard.count > 1 {
+                store.for_each_key(|key| {
+                    if store::split_task_key(key).is_some_and(|(p, id)| !shard.owns(p, id)) {
+                        foreign += 1;
+                    }
+                })?;
+            }
+            Ok::<_, StoreError>((store, counters, foreign))
         })
         .await??;
+        if foreign > 0 {
+            return Err(StartError::ForeignTasks {
+                path: store.path().to_path_buf(),
+                foreign,
+                count: settings.shard.count,
+            });
+        }
         let store = Arc::new(store);
         metrics.restore(&counters);
 
@@ -131,6 +163,7 @@ impl App {
             config_path,
             overrides,
             reload_lock: tokio::sync::Mutex::new(()),
+            reload_hooks: Mutex::new(Vec::new()),
         });
 
         // Rows are read in place, straight into the registry (rows of providers no longer
@@ -239,6 +272,13 @@ impl App {
             upstream.clone(),
             adapter.clone(),
         ))];
+        if !p.tasks.is_empty() {
+            handles.push(tokio::spawn(discovery::keep_static(
+                tasks.clone(),
+                p.tasks.clone(),
+                crate::registry::remention_interval(&p.polling),
+            )));
+        }
         if !p.task_files.is_empty() {
             handles.push(tokio::spawn(discovery::watch_task_files(
                 p.clone(),
@@ -256,7 +296,11 @@ impl App {
                 self.metrics.clone(),
             )));
         }
-        if let Some(interval) = p.balance_interval {
+        // The balance is one account-wide number: shard 0 alone asks for it. History
+        // pages are read by every shard, each keeping the tasks it owns (another shard's
+        // tasks would otherwise never be found).
+        let balance_owner = self.registry.shard().index == 0;
+        if let Some(interval) = p.balance_interval.filter(|_| balance_owner) {
             handles.push(tokio::spawn(discovery::poll_balance(
                 interval,
                 p.name.clone(),
@@ -272,13 +316,42 @@ impl App {
             upstream,
             tasks,
             handles,
+            periodic_requests: p.history.is_some()
+                || (p.balance_interval.is_some() && balance_owner),
         }
     }
 
-    /// Re-reads the configuration file; a valid one replaces the running one, an invalid one
-    /// is reported and changes nothing.
+    /// Adds something to re-read on every reload, after the configuration file.
+    pub fn on_reload(&self, hook: ReloadHook) {
+        self.reload_hooks.lock().expect("hooks lock").push(hook);
+    }
+
+    /// Re-reads the configuration file and then runs the reload hooks. Each file that loads
+    /// replaces the running one; one that does not is reported and changes nothing. The
+    /// reload counts as successful (gauge 1, timestamp moved) only when everything loaded.
     pub async fn reload(&self) -> Result<(), ConfigError> {
         let _guard = self.reload_lock.lock().await;
+        let result = self.reload_config_file().await;
+        let mut hook_error = None;
+        for hook in self.reload_hooks.lock().expect("hooks lock").iter() {
+            if let Err(e) = hook() {
+                tracing::error!(error = %e, "reload failed; keeping the running web configuration");
+                hook_error.get_or_insert(e);
+            }
+        }
+        let result = result.and_then(|()| hook_error.map_or(Ok(()), Err));
+        if result.is_ok() {
+            self.metrics.reload_successful.set(1);
+            self.metrics
+                .reload_success_timestamp
+                .set(unix_seconds(SystemTime::now()));
+        } else {
+            self.metrics.reload_successful.set(0);
+        }
+        result
+    }
+
+    async fn reload_config_file(&self) -> Result<(), ConfigError> {
         let Some(path) = self.config_path.clone() else {
             return Ok(()); // demo: built-in configuration, nothing to re-read
         };
@@ -318,15 +391,10 @@ impl App {
                 settings.latency_buckets = current.latency_buckets.clone();
                 settings.max_models_per_provider = current.max_models_per_provider;
                 self.apply(&settings);
-                self.metrics.reload_successful.set(1);
-                self.metrics
-                    .reload_success_timestamp
-                    .set(unix_seconds(SystemTime::now()));
                 tracing::info!(file = %settings.source.display(), providers = settings.providers.len(), "configuration reloaded");
                 Ok(())
             }
             Err(e) => {
-                self.metrics.reload_successful.set(0);
                 tracing::error!(error = %e, "configuration reload failed; keeping the running configuration");
                 Err(e)
             }

@@ -76,6 +76,7 @@ pub struct PollingFile {
     pub max_concurrency: Option<u32>,
     pub max_task_age: Option<HumanDuration>,
     pub retention: Option<HumanDuration>,
+    pub forget_after: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -283,6 +284,9 @@ pub struct Polling {
     pub max_concurrency: u32,
     pub max_task_age: Duration,
     pub retention: Duration,
+    /// How long the id of a finished task is remembered after the last time a source
+    /// mentioned it, so that it is not tracked and counted again.
+    pub forget_after: Duration,
 }
 
 impl Default for Polling {
@@ -295,6 +299,7 @@ impl Default for Polling {
             max_concurrency: 8,
             max_task_age: Duration::from_secs(6 * 3600),
             retention: Duration::from_secs(3600),
+            forget_after: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -313,6 +318,7 @@ impl Polling {
             max_concurrency: overrides.max_concurrency.unwrap_or(self.max_concurrency),
             max_task_age: d(overrides.max_task_age, self.max_task_age),
             retention: d(overrides.retention, self.retention),
+            forget_after: d(overrides.forget_after, self.forget_after),
         }
     }
 }
@@ -449,6 +455,15 @@ pub fn load(
         .map_err(|problems| ConfigError::Invalid { file, problems })
 }
 
+/// Parser options for files that may hold secrets by mistake: errors name the line and
+/// column but do not quote the file (a `token: sk-...` typo must not reach logs or the
+/// reload answer).
+pub fn no_snippet() -> serde_saphyr::Options {
+    let mut options = serde_saphyr::Options::default();
+    options.with_snippet = false;
+    options
+}
+
 /// Parses YAML text into the file structure. The error text names line and column.
 pub fn parse(text: &str) -> Result<FileConfig, String> {
     if text.trim().is_empty() {
@@ -456,9 +471,9 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
         return Ok(FileConfig::default());
     }
     // serde_path_to_error tells the key path ("providers[1].polling.interval"); saphyr
-    // tells line and column and shows the offending line.
+    // tells line and column (without quoting the file, see `no_snippet`).
     let mut key_path = String::new();
-    let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+    let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, no_snippet(), |de| {
         serde_path_to_error::deserialize::<_, FileConfig>(de).map_err(|e| {
             key_path = e.path().to_string();
             e.into_inner()
@@ -633,6 +648,16 @@ fn check_polling(at: &str, p: &Polling, problem: &mut impl FnMut(&str, String)) 
         problem(
             &format!("{at}.max_task_age"),
             "must be greater than 0".into(),
+        );
+    }
+    if p.forget_after < p.retention {
+        problem(
+            &format!("{at}.forget_after"),
+            format!(
+                "{} is shorter than retention {}",
+                humantime::format_duration(p.forget_after),
+                humantime::format_duration(p.retention)
+            ),
         );
     }
 }
@@ -845,6 +870,14 @@ fn load_secret(
             message: format!("one of {key}_env or {key}_file is required"),
         }]),
         (None, None) => Ok(None),
+        // Not a variable name: most likely the key itself, written here by mistake. Say so
+        // without repeating it.
+        (Some(var), None) if !is_env_name(var) => Err(vec![Problem {
+            path: at("env"),
+            message: "is not an environment variable name (letters, digits and '_'); \
+                      name the variable that holds the secret, not the secret"
+                .into(),
+        }]),
         (Some(var), None) => match env.var(var).map(|v| v.trim().to_string()) {
             Some(value) if !value.is_empty() => Ok(Some(Secret::new(value))),
             Some(_) => Err(vec![Problem {
@@ -870,6 +903,16 @@ fn load_secret(
             }]),
         },
     }
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`, at most 128 characters.
+fn is_env_name(name: &str) -> bool {
+    name.len() <= 128
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 impl Settings {
@@ -991,6 +1034,27 @@ mod tests {
         assert!(err.contains('2'), "line number expected: {err}");
         let err = parse("polling:\n  interval: soon\n").unwrap_err();
         assert!(err.contains("invalid duration"), "{err}");
+    }
+
+    #[test]
+    fn parse_errors_do_not_quote_the_file() {
+        // A key written inline by mistake must not be echoed into logs or the reload answer.
+        for text in [
+            "providers:\n  - name: a\n    type: maxapi\n    token: sk-inline-7f3e\n",
+            "providers:\n  - name: a\n    type: maxapi\n    token_env: [sk-inline-7f3e\n",
+            "server: sk-inline-7f3e\n",
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(!err.contains("sk-inline-7f3e"), "{err}");
+            assert!(err.contains("line"), "{err}");
+        }
+        let err = resolve_text(
+            "providers:\n  - {name: a, type: apimall, token_env: sk-inline-7f3e}\n",
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(err[0].path, "providers[0].token_env");
+        assert!(!err[0].message.contains("sk-inline-7f3e"), "{err:?}");
     }
 
     #[test]

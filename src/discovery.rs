@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{HistorySettings, ProviderSettings};
 use crate::metrics::Metrics;
 use crate::poller::interpret;
 use crate::providers::Adapter;
-use crate::registry::{ProviderTasks, Source, TrackOutcome};
+use crate::registry::{ProviderTasks, Source, TrackOutcome, remention_interval};
 use crate::task::now_millis;
 use crate::upstream::{Endpoint, Upstream};
 
@@ -25,6 +25,17 @@ pub fn track_static(tasks: &ProviderTasks, ids: &[String]) -> usize {
     ids.iter()
         .filter(|id| tasks.track(id, Source::Static, now) == TrackOutcome::New)
         .count()
+}
+
+/// Mentions the static ids again every `interval` (they were tracked at start), which keeps
+/// the tombstones of finished ones fresh (see `registry::remention_interval`).
+pub async fn keep_static(tasks: Arc<ProviderTasks>, ids: Vec<String>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.tick().await; // the first tick is immediate: start-up already tracked them
+    loop {
+        tick.tick().await;
+        track_static(&tasks, &ids);
+    }
 }
 
 /// Parses a task file: one id per line, `#` starts a comment, blank lines ignored.
@@ -44,8 +55,16 @@ pub async fn watch_task_files(
     let mut seen: HashMap<PathBuf, (SystemTime, u64)> = HashMap::new();
     let mut tick = tokio::time::interval(settings.polling.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_full_read = Instant::now();
+    let remention = remention_interval(&settings.polling);
     loop {
         tick.tick().await;
+        // Re-read unchanged files now and then too: mentioning their finished ids again keeps
+        // their tombstones from expiring (see `registry::remention_interval`).
+        if last_full_read.elapsed() >= remention {
+            last_full_read = Instant::now();
+            seen.clear();
+        }
         let patterns = settings.task_files.clone();
         let files: Vec<PathBuf> = tokio::task::spawn_blocking(move || {
             patterns
@@ -103,10 +122,7 @@ pub async fn watch_task_files(
 
 fn file_error(metrics: &Metrics, provider: &str, path: &std::path::Path, error: &str) {
     tracing::warn!(provider, file = %path.display(), error, "cannot read task file");
-    metrics
-        .discovery_errors
-        .with_label_values(&[provider, "file"])
-        .inc();
+    metrics.count_discovery_error(provider, "file");
 }
 
 /// Pages through the history listings every `history.interval` and tracks new ids. Their
@@ -176,10 +192,7 @@ pub async fn poll_history(
 }
 
 fn history_error(metrics: &Metrics, provider: &str) {
-    metrics
-        .discovery_errors
-        .with_label_values(&[provider, "history"])
-        .inc();
+    metrics.count_discovery_error(provider, "history");
 }
 
 /// Reads the account balance every `interval` into `genai_account_credits`.

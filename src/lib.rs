@@ -7,6 +7,7 @@
 //! provider through `upstream` and an adapter in `providers`, and records the normalized
 //! answer in the `registry`, which decides what to count. The `persist`er commits those
 //! counts to the `store` and then publishes them to `metrics`, which `http` serves.
+//! `web` puts TLS, basic auth and response headers in front of the `http` router.
 
 pub mod app;
 pub mod config;
@@ -19,9 +20,11 @@ pub mod persist;
 pub mod poller;
 pub mod providers;
 pub mod registry;
+pub mod reshard;
 pub mod secret;
 pub mod shard;
 pub mod simulator;
 pub mod store;
 pub mod task;
 pub mod upstream;
+pub mod web;

@@ -10,7 +10,8 @@ use genai_task_exporter::config::{self, Overrides, Settings};
 use genai_task_exporter::logging::{self, Format, Level};
 use genai_task_exporter::metrics::VERSION;
 use genai_task_exporter::simulator::{SimConfig, Simulator};
-use genai_task_exporter::{demo, http, upstream};
+use genai_task_exporter::web::{self, Web};
+use genai_task_exporter::{demo, http, reshard, upstream};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,6 +34,9 @@ struct Cli {
     /// TLS and basic-auth configuration (Prometheus exporter-toolkit web-config format).
     #[arg(long = "web.config.file", value_name = "PATH", global = true)]
     web_config_file: Option<PathBuf>,
+    /// Serve `GET /-/healthy` without basic auth (for liveness probes that send no credentials).
+    #[arg(long = "web.health-without-auth", global = true)]
+    health_without_auth: bool,
     /// Log level.
     #[arg(long = "log.level", value_enum, default_value = "info", global = true)]
     log_level: Level,
@@ -76,6 +80,12 @@ enum Command {
         )]
         simulator_address: String,
     },
+    /// Move tasks between the stores of stopped shards after the shard count changed.
+    Reshard {
+        /// The state directories of shards 0, 1, ... (as many as --shard.count).
+        #[arg(value_name = "STATE_DIR", required = true)]
+        dirs: Vec<PathBuf>,
+    },
     /// Serve only the simulated provider APIs (both providers' paths on one listener).
     Simulate {
         /// Address to listen on.
@@ -95,9 +105,12 @@ fn main() -> ExitCode {
         shard_index: cli.shard_index,
         shard_count: cli.shard_count,
     };
+    let web_options = web::Options {
+        health_without_auth: cli.health_without_auth,
+    };
     match cli.command {
         Some(Command::CheckConfig) => {
-            match config::load(&cli.config_file, &overrides, &config::ProcessEnv) {
+            let mut code = match config::load(&cli.config_file, &overrides, &config::ProcessEnv) {
                 Ok(settings) => {
                     print!("{}", settings.summary());
                     ExitCode::SUCCESS
@@ -106,7 +119,18 @@ fn main() -> ExitCode {
                     eprintln!("{e}");
                     ExitCode::FAILURE
                 }
+            };
+            if let Some(path) = &cli.web_config_file {
+                upstream::install_crypto_provider();
+                match Web::load(path, web_options) {
+                    Ok(_) => println!("web configuration {} is valid", path.display()),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        code = ExitCode::FAILURE;
+                    }
+                }
             }
+            code
         }
         Some(Command::Demo { simulator_address }) => {
             let listen = cli
@@ -115,6 +139,28 @@ fn main() -> ExitCode {
             run_demo(&listen, &simulator_address)
         }
         Some(Command::Simulate { listen, scenario }) => run_simulator(&listen, scenario),
+        Some(Command::Reshard { dirs }) => {
+            let count = cli.shard_count.unwrap_or(dirs.len() as u32);
+            if count as usize != dirs.len() {
+                eprintln!(
+                    "reshard: give one state directory per shard ({count} for --shard.count {count}), in shard order"
+                );
+                return ExitCode::FAILURE;
+            }
+            match reshard::reshard(&dirs, count) {
+                Ok(report) => {
+                    println!(
+                        "resharded to {count} shard(s): {} task(s) moved, {} kept, {} tombstone(s) moved",
+                        report.tasks_moved, report.tasks_kept, report.tombstones_moved
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("reshard: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         None => {
             let settings = match config::load(&cli.config_file, &overrides, &config::ProcessEnv) {
                 Ok(s) => s,
@@ -124,7 +170,21 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            run_exporter(settings, Some(cli.config_file), overrides)
+            let web = match cli.web_config_file.as_deref() {
+                None => None,
+                Some(path) => {
+                    upstream::install_crypto_provider();
+                    match Web::load(path, web_options) {
+                        Ok(web) => Some(web),
+                        Err(e) => {
+                            tracing::error!(error = %e, "invalid web configuration");
+                            eprintln!("{e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                }
+            };
+            run_exporter(settings, Some(cli.config_file), overrides, web)
         }
     }
 }
@@ -140,6 +200,7 @@ fn run_exporter(
     settings: Settings,
     config_path: Option<PathBuf>,
     overrides: Overrides,
+    web: Option<std::sync::Arc<Web>>,
 ) -> ExitCode {
     upstream::install_crypto_provider();
     runtime().block_on(async move {
@@ -160,7 +221,11 @@ fn run_exporter(
                 return ExitCode::FAILURE;
             }
         };
-        serve(app, listener).await
+        if let Some(web) = &web {
+            let web = web.clone();
+            app.on_reload(Box::new(move || web.reload()));
+        }
+        serve(app, listener, web).await
     })
 }
 
@@ -191,7 +256,7 @@ fn run_demo(exporter_address: &str, simulator_address: &str) -> ExitCode {
         };
         print!("{}", demo::banner(exporter, simulator));
         let _ = std::io::Write::flush(&mut std::io::stdout());
-        let code = serve(app, exporter_listener).await;
+        let code = serve(app, exporter_listener, None).await;
         let _ = std::fs::remove_dir_all(&state);
         code
     })
@@ -240,15 +305,18 @@ fn run_simulator(listen: &str, scenario: Option<PathBuf>) -> ExitCode {
 }
 
 /// Serves until SIGINT/SIGTERM, reloading on SIGHUP; saves state on the way out.
-async fn serve(app: std::sync::Arc<App>, listener: tokio::net::TcpListener) -> ExitCode {
+async fn serve(
+    app: std::sync::Arc<App>,
+    listener: tokio::net::TcpListener,
+    web: Option<std::sync::Arc<Web>>,
+) -> ExitCode {
     let local: SocketAddr = listener
         .local_addr()
         .expect("bound listener has an address");
-    tracing::info!(address = %local, version = VERSION, "listening");
+    let tls = web.as_ref().is_some_and(|w| w.is_tls());
+    tracing::info!(address = %local, version = VERSION, tls, "listening");
     spawn_sighup_reload(app.clone());
-    let server = axum::serve(listener, http::router(app.clone()).into_make_service())
-        .with_graceful_shutdown(shutdown_signal());
-    let result = server.await;
+    let result = web::serve(listener, http::router(app.clone()), web, shutdown_signal()).await;
     app.shutdown().await;
     match result {
         Ok(()) => {

@@ -1,12 +1,14 @@
 //! Metric families and the `/metrics` page.
 //!
 //! Three kinds of state end up on the page:
-//! - [`Accounting`]: the task counters and the completion-latency histogram. Only the
-//!   persister moves them, after the store commit that recorded why (see `registry`), and
-//!   their totals are restored from the store at start-up, so they continue across restarts.
-//! - upstream and exporter metrics: ordinary `prometheus` crate metrics moved where things
-//!   happen (upstream client, webhooks, reload). Upstream request and error counters are
-//!   also saved with each store commit and restored.
+//! - [`Accounting`]: every counter that must survive restarts, and never go down across
+//!   them: the task counters, the completion-latency histogram, and the upstream request,
+//!   error and duration families. Changes are staged, committed to the store by the
+//!   persister together with the task state that caused them, and only then published: the
+//!   page shows nothing that a crash could take back. Task counts arrive as registry
+//!   events; upstream counts are gathered in [`PendingCounts`] between flushes.
+//! - gauges and exporter metrics: ordinary `prometheus` crate metrics set where things
+//!   happen (upstream client, webhooks, reload) and the process collector.
 //! - scrape-time gauges read from the registry's per-status counts (O(models), not O(tasks)).
 //!
 //! Series of providers no longer configured are left off the page.
@@ -15,11 +17,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use prometheus::core::Collector;
 use prometheus::proto::{self, MetricFamily, MetricType};
 use prometheus::{
-    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry as PromRegistry, TextEncoder,
+    Encoder, Gauge, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry as PromRegistry,
+    TextEncoder,
 };
 
 use crate::registry::{Event, Registry};
@@ -38,10 +39,10 @@ const UPSTREAM_BUCKETS: [f64; 12] = [
 ];
 
 // ---------------------------------------------------------------------------------------
-// Accounting: task counters that survive restarts
+// Accounting: counters that survive restarts
 // ---------------------------------------------------------------------------------------
 
-/// The task counter families.
+/// The durable counter families.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Family {
     Completions,
@@ -50,16 +51,24 @@ pub enum Family {
     CreditsRefunded,
     Discovered,
     Dropped,
+    UpstreamRequests,
+    UpstreamErrors,
+    WebhookRequests,
+    DiscoveryErrors,
 }
 
 impl Family {
-    const ALL: [Family; 6] = [
+    const ALL: [Family; 10] = [
         Family::Completions,
         Family::Failures,
         Family::CreditsUsed,
         Family::CreditsRefunded,
         Family::Discovered,
         Family::Dropped,
+        Family::UpstreamRequests,
+        Family::UpstreamErrors,
+        Family::WebhookRequests,
+        Family::DiscoveryErrors,
     ];
 
     fn name(self) -> &'static str {
@@ -70,6 +79,10 @@ impl Family {
             Family::CreditsRefunded => "genai_task_credits_refunded_total",
             Family::Discovered => "genai_task_discovered_total",
             Family::Dropped => "genai_task_dropped_total",
+            Family::UpstreamRequests => "genai_upstream_requests_total",
+            Family::UpstreamErrors => "genai_upstream_errors_total",
+            Family::WebhookRequests => "genai_exporter_webhook_requests_total",
+            Family::DiscoveryErrors => "genai_exporter_discovery_errors_total",
         }
     }
 
@@ -81,6 +94,16 @@ impl Family {
             Family::CreditsRefunded => "Credits refunded for tasks, each credit once.",
             Family::Discovered => "New task ids by discovery source.",
             Family::Dropped => "Tasks given up, by reason.",
+            Family::UpstreamRequests => {
+                "Upstream requests by endpoint and HTTP status code (or timeout, connect_error, io_error)."
+            }
+            Family::UpstreamErrors => {
+                "API-level errors in upstream answers (envelope error codes, invalid_response)."
+            }
+            Family::WebhookRequests => "Provider callbacks received, by outcome.",
+            Family::DiscoveryErrors => {
+                "Failures of a discovery source (unreadable task file, failed history page)."
+            }
         }
     }
 
@@ -92,9 +115,14 @@ impl Family {
             Family::CreditsUsed | Family::CreditsRefunded => &["model"],
             Family::Discovered => &["source"],
             Family::Dropped => &["reason"],
+            Family::UpstreamRequests => &["endpoint", "code"],
+            Family::UpstreamErrors => &["endpoint", "error"],
+            Family::WebhookRequests => &["outcome"],
+            Family::DiscoveryErrors => &["source"],
         }
     }
 
+    /// Prefix of the family's rows in the store (stable: changing it loses saved totals).
     fn key_prefix(self) -> &'static str {
         match self {
             Family::Completions => "completions",
@@ -103,48 +131,97 @@ impl Family {
             Family::CreditsRefunded => "credits_refunded",
             Family::Discovered => "discovered",
             Family::Dropped => "dropped",
+            Family::UpstreamRequests => "upstream_requests",
+            Family::UpstreamErrors => "upstream_errors",
+            Family::WebhookRequests => "webhook_requests",
+            Family::DiscoveryErrors => "discovery_errors",
         }
-    }
-
-    fn from_key_prefix(prefix: &str) -> Option<Family> {
-        Family::ALL.into_iter().find(|f| f.key_prefix() == prefix)
     }
 }
 
-/// One series: family, provider, then the family's other label values.
+/// The durable histogram families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HistFamily {
+    TaskLatency,
+    UpstreamDuration,
+}
+
+impl HistFamily {
+    const ALL: [HistFamily; 2] = [HistFamily::TaskLatency, HistFamily::UpstreamDuration];
+
+    fn name(self) -> &'static str {
+        match self {
+            HistFamily::TaskLatency => "genai_task_completion_latency_seconds",
+            HistFamily::UpstreamDuration => "genai_upstream_request_duration_seconds",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            HistFamily::TaskLatency => {
+                "Time from created_at to completion (completed_at, else updated_at) of finished tasks, each once."
+            }
+            HistFamily::UpstreamDuration => {
+                "Upstream request latency, until the whole body was read."
+            }
+        }
+    }
+
+    fn labels(self) -> &'static [&'static str] {
+        match self {
+            HistFamily::TaskLatency => &["model", "status"],
+            HistFamily::UpstreamDuration => &["endpoint"],
+        }
+    }
+
+    fn key_prefix(self) -> &'static str {
+        match self {
+            HistFamily::TaskLatency => "latency",
+            HistFamily::UpstreamDuration => "upstream_duration",
+        }
+    }
+}
+
+/// One series: provider, then the family's other label values.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SeriesKey {
-    pub family: Family,
+pub struct SeriesKey<F> {
+    pub family: F,
     pub provider: String,
     pub labels: Vec<String>,
 }
 
+impl<F> SeriesKey<F> {
+    fn new(family: F, provider: &str, labels: &[&str]) -> Self {
+        SeriesKey {
+            family,
+            provider: provider.to_string(),
+            labels: labels.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn store_key(&self, prefix: &str) -> String {
+        let mut key = prefix.to_string();
+        for part in std::iter::once(&self.provider).chain(&self.labels) {
+            key.push(KEY_SEP);
+            key.push_str(part);
+        }
+        key
+    }
+
+    fn label_pairs(&self, names: &[&str]) -> Vec<proto::LabelPair> {
+        let mut labels = vec![label("provider", &self.provider)];
+        for (name, value) in names.iter().zip(&self.labels) {
+            labels.push(label(name, value));
+        }
+        labels
+    }
+}
+
 const KEY_SEP: char = '\u{1f}';
-const LATENCY_KEY_PREFIX: &str = "latency";
-const UPSTREAM_REQUESTS_KEY_PREFIX: &str = "upstream_requests";
-const UPSTREAM_ERRORS_KEY_PREFIX: &str = "upstream_errors";
 
-fn join_key(prefix: &str, parts: &[&str]) -> String {
-    let mut key = prefix.to_string();
-    for p in parts {
-        key.push(KEY_SEP);
-        key.push_str(p);
-    }
-    key
-}
-
-impl SeriesKey {
-    fn store_key(&self) -> String {
-        let mut parts = vec![self.provider.as_str()];
-        parts.extend(self.labels.iter().map(String::as_str));
-        join_key(self.family.key_prefix(), &parts)
-    }
-}
-
-/// Latency histogram state of one (provider, model, status).
+/// Histogram state: non-cumulative counts per bucket (the last one is `+Inf`), sum, count.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HistogramState {
-    /// Non-cumulative counts per bucket; the last one is `+Inf`.
     pub counts: Vec<u64>,
     pub sum: f64,
     pub count: u64,
@@ -167,6 +244,14 @@ impl HistogramState {
         self.counts[i] += 1;
         self.sum += value;
         self.count += 1;
+    }
+
+    fn merge(&mut self, other: &HistogramState) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.sum += other.sum;
+        self.count += other.count;
     }
 
     fn encode(&self, bounds: &[f64]) -> Vec<u8> {
@@ -204,195 +289,242 @@ impl HistogramState {
     }
 }
 
-#[derive(Debug, Default, Clone)]
-struct AccountingState {
-    counters: BTreeMap<SeriesKey, f64>,
-    /// (provider, model, status) -> histogram.
-    latency: BTreeMap<(String, String, String), HistogramState>,
-}
+type CounterMap = BTreeMap<SeriesKey<Family>, f64>;
+type HistogramMap = BTreeMap<SeriesKey<HistFamily>, HistogramState>;
 
-/// Changes computed from a batch of events, not yet visible on `/metrics`.
+/// New absolute values computed from a batch, not yet visible on `/metrics`.
 #[derive(Debug, Default)]
 pub struct Staged {
-    counters: BTreeMap<SeriesKey, f64>,
-    latency: BTreeMap<(String, String, String), HistogramState>,
+    counters: CounterMap,
+    histograms: HistogramMap,
 }
 
 impl Staged {
     pub fn is_empty(&self) -> bool {
-        self.counters.is_empty() && self.latency.is_empty()
+        self.counters.is_empty() && self.histograms.is_empty()
     }
 }
 
-/// Task counters and the latency histogram; see the module documentation.
+/// Counts gathered between two flushes (deltas): upstream exchanges, callbacks, discovery errors.
+#[derive(Debug, Default)]
+pub struct PendingCounts {
+    counters: HashMap<SeriesKey<Family>, f64>,
+    durations: HashMap<SeriesKey<HistFamily>, HistogramState>,
+}
+
+/// The durable counters; see the module documentation.
 #[derive(Debug)]
 pub struct Accounting {
-    state: Mutex<AccountingState>,
-    buckets: Vec<f64>,
+    counters: Mutex<CounterMap>,
+    histograms: Mutex<HistogramMap>,
+    latency_buckets: Vec<f64>,
 }
 
 impl Accounting {
-    pub fn new(buckets: Vec<f64>) -> Self {
+    pub fn new(latency_buckets: Vec<f64>) -> Self {
         Accounting {
-            state: Mutex::new(AccountingState::default()),
-            buckets,
+            counters: Mutex::new(BTreeMap::new()),
+            histograms: Mutex::new(BTreeMap::new()),
+            latency_buckets,
         }
     }
 
-    /// Folds `events` of `provider` into `staged`, starting from the published values.
-    pub fn stage(&self, staged: &mut Staged, provider: &str, events: &[Event]) {
-        let state = self.state.lock().expect("accounting lock");
-        let mut add = |family: Family, labels: Vec<String>, amount: f64| {
-            let key = SeriesKey {
-                family,
-                provider: provider.to_string(),
-                labels,
-            };
-            let base = state.counters.get(&key).copied().unwrap_or(0.0);
-            *staged.counters.entry(key).or_insert(base) += amount;
+    fn buckets(&self, family: HistFamily) -> &[f64] {
+        match family {
+            HistFamily::TaskLatency => &self.latency_buckets,
+            HistFamily::UpstreamDuration => &UPSTREAM_BUCKETS,
+        }
+    }
+
+    /// Adds `amount` to a counter in `staged`, starting from its published value.
+    fn stage_counter(&self, staged: &mut Staged, key: SeriesKey<Family>, amount: f64) {
+        if let Some(value) = staged.counters.get_mut(&key) {
+            *value += amount;
+            return;
+        }
+        let base = self
+            .counters
+            .lock()
+            .expect("accounting lock")
+            .get(&key)
+            .copied()
+            .unwrap_or(0.0);
+        staged.counters.insert(key, base + amount);
+    }
+
+    /// The staged histogram of `key`, starting from its published state.
+    fn staged_histogram<'a>(
+        &self,
+        staged: &'a mut Staged,
+        key: SeriesKey<HistFamily>,
+    ) -> &'a mut HistogramState {
+        let buckets = self.buckets(key.family).len();
+        let published = || {
+            self.histograms
+                .lock()
+                .expect("accounting lock")
+                .get(&key)
+                .cloned()
         };
+        if !staged.histograms.contains_key(&key) {
+            let base = published().unwrap_or_else(|| HistogramState::new(buckets));
+            staged.histograms.insert(key.clone(), base);
+        }
+        staged.histograms.get_mut(&key).expect("just inserted")
+    }
+
+    /// Folds registry `events` of `provider` into `staged`.
+    pub fn stage(&self, staged: &mut Staged, provider: &str, events: &[Event]) {
         for event in events {
             match event {
-                Event::Discovered { source } => {
-                    add(Family::Discovered, vec![source.as_str().into()], 1.0)
-                }
-                Event::Dropped { reason } => {
-                    add(Family::Dropped, vec![reason.as_str().into()], 1.0)
-                }
-                Event::CreditsUsed { model, amount } => {
-                    add(Family::CreditsUsed, vec![model.to_string()], *amount)
-                }
-                Event::CreditsRefunded { model, amount } => {
-                    add(Family::CreditsRefunded, vec![model.to_string()], *amount)
-                }
+                Event::Discovered { source } => self.stage_counter(
+                    staged,
+                    SeriesKey::new(Family::Discovered, provider, &[source.as_str()]),
+                    1.0,
+                ),
+                Event::Dropped { reason } => self.stage_counter(
+                    staged,
+                    SeriesKey::new(Family::Dropped, provider, &[reason.as_str()]),
+                    1.0,
+                ),
+                Event::CreditsUsed { model, amount } => self.stage_counter(
+                    staged,
+                    SeriesKey::new(Family::CreditsUsed, provider, &[model]),
+                    *amount,
+                ),
+                Event::CreditsRefunded { model, amount } => self.stage_counter(
+                    staged,
+                    SeriesKey::new(Family::CreditsRefunded, provider, &[model]),
+                    *amount,
+                ),
                 Event::Completed {
                     model,
                     status,
                     reason,
                     latency_seconds,
                 } => {
-                    add(
-                        Family::Completions,
-                        vec![model.to_string(), status.as_str().into()],
+                    let labels = [model.as_ref(), status.as_str()];
+                    self.stage_counter(
+                        staged,
+                        SeriesKey::new(Family::Completions, provider, &labels),
                         1.0,
                     );
                     if let Some(reason) = reason {
-                        add(
-                            Family::Failures,
-                            vec![model.to_string(), reason.as_str().into()],
+                        self.stage_counter(
+                            staged,
+                            SeriesKey::new(Family::Failures, provider, &[model, reason.as_str()]),
                             1.0,
                         );
                     }
                     if let Some(latency) = latency_seconds {
-                        let key = (
-                            provider.to_string(),
-                            model.to_string(),
-                            status.as_str().to_string(),
-                        );
-                        let hist = staged.latency.entry(key.clone()).or_insert_with(|| {
-                            state
-                                .latency
-                                .get(&key)
-                                .cloned()
-                                .unwrap_or_else(|| HistogramState::new(self.buckets.len()))
-                        });
-                        hist.observe(&self.buckets, *latency);
+                        let key = SeriesKey::new(HistFamily::TaskLatency, provider, &labels);
+                        self.staged_histogram(staged, key)
+                            .observe(&self.latency_buckets, *latency);
                     }
                 }
             }
+        }
+    }
+
+    /// Folds counts gathered between flushes into `staged`.
+    pub fn stage_counts(&self, staged: &mut Staged, pending: PendingCounts) {
+        for (key, amount) in pending.counters {
+            self.stage_counter(staged, key, amount);
+        }
+        for (key, delta) in pending.durations {
+            self.staged_histogram(staged, key).merge(&delta);
         }
     }
 
     /// The store rows of staged values.
     pub fn encode(&self, staged: &Staged) -> Vec<(String, Vec<u8>)> {
-        let mut rows: Vec<(String, Vec<u8>)> = staged
+        let counters = staged
             .counters
             .iter()
-            .map(|(k, v)| (k.store_key(), v.to_le_bytes().to_vec()))
-            .collect();
-        for ((provider, model, status), hist) in &staged.latency {
-            rows.push((
-                join_key(LATENCY_KEY_PREFIX, &[provider, model, status]),
-                hist.encode(&self.buckets),
-            ));
-        }
-        rows
+            .map(|(k, v)| (k.store_key(k.family.key_prefix()), v.to_le_bytes().to_vec()));
+        let histograms = staged.histograms.iter().map(|(k, h)| {
+            (
+                k.store_key(k.family.key_prefix()),
+                h.encode(self.buckets(k.family)),
+            )
+        });
+        counters.chain(histograms).collect()
     }
 
     /// Makes staged values visible (after they were committed).
     pub fn publish(&self, staged: Staged) {
-        let mut state = self.state.lock().expect("accounting lock");
-        state.counters.extend(staged.counters);
-        state.latency.extend(staged.latency);
+        self.counters
+            .lock()
+            .expect("accounting lock")
+            .extend(staged.counters);
+        self.histograms
+            .lock()
+            .expect("accounting lock")
+            .extend(staged.histograms);
     }
 
-    /// Restores one saved row; false when the row is not an accounting row.
-    fn restore_row(&self, key: &str, value: &[u8]) -> bool {
-        let parts: Vec<&str> = key.split(KEY_SEP).collect();
-        let mut state = self.state.lock().expect("accounting lock");
-        if parts[0] == LATENCY_KEY_PREFIX && parts.len() == 4 {
-            match HistogramState::decode(value, &self.buckets) {
+    /// Restores one saved row (start-up). Unknown or corrupt rows are skipped.
+    pub fn restore_row(&self, key: &str, value: &[u8]) {
+        let mut parts = key.split(KEY_SEP);
+        let prefix = parts.next().unwrap_or("");
+        let Some(provider) = parts.next() else { return };
+        let labels: Vec<&str> = parts.collect();
+        if let Some(family) = Family::ALL.into_iter().find(|f| f.key_prefix() == prefix) {
+            let (true, Ok(bytes)) = (
+                labels.len() == family.labels().len(),
+                <[u8; 8]>::try_from(value),
+            ) else {
+                return;
+            };
+            let value = f64::from_le_bytes(bytes);
+            if value.is_finite() && value >= 0.0 {
+                self.counters
+                    .lock()
+                    .expect("accounting lock")
+                    .insert(SeriesKey::new(family, provider, &labels), value);
+            }
+        } else if let Some(family) = HistFamily::ALL
+            .into_iter()
+            .find(|f| f.key_prefix() == prefix)
+        {
+            if labels.len() != family.labels().len() {
+                return;
+            }
+            match HistogramState::decode(value, self.buckets(family)) {
                 Some(hist) => {
-                    state
-                        .latency
-                        .insert((parts[1].into(), parts[2].into(), parts[3].into()), hist);
+                    self.histograms
+                        .lock()
+                        .expect("accounting lock")
+                        .insert(SeriesKey::new(family, provider, &labels), hist);
                 }
                 None => tracing::warn!(
                     series = key.replace(KEY_SEP, "/"),
-                    "latency buckets changed since the last run; that histogram starts from zero"
+                    "histogram buckets changed since the last run; that series starts from zero"
                 ),
             }
-            return true;
         }
-        let Some(family) = Family::from_key_prefix(parts[0]) else {
-            return false;
-        };
-        let (Some(provider), Ok(bytes)) = (parts.get(1), <[u8; 8]>::try_from(value)) else {
-            return true;
-        };
-        if parts.len() != 2 + family.labels().len() {
-            return true;
-        }
-        let value = f64::from_le_bytes(bytes);
-        if value.is_finite() && value >= 0.0 {
-            state.counters.insert(
-                SeriesKey {
-                    family,
-                    provider: provider.to_string(),
-                    labels: parts[2..].iter().map(|s| s.to_string()).collect(),
-                },
-                value,
-            );
-        }
-        true
     }
 
     /// Current value of one counter series (tests, landing page).
     pub fn value(&self, family: Family, provider: &str, labels: &[&str]) -> f64 {
-        let state = self.state.lock().expect("accounting lock");
-        let key = SeriesKey {
-            family,
-            provider: provider.to_string(),
-            labels: labels.iter().map(|s| s.to_string()).collect(),
-        };
-        state.counters.get(&key).copied().unwrap_or(0.0)
+        self.counters
+            .lock()
+            .expect("accounting lock")
+            .get(&SeriesKey::new(family, provider, labels))
+            .copied()
+            .unwrap_or(0.0)
     }
 
     fn families(&self, active: &HashSet<String>) -> Vec<MetricFamily> {
-        let state = self.state.lock().expect("accounting lock");
+        let counters = self.counters.lock().expect("accounting lock");
         let mut families = Vec::new();
         for family in Family::ALL {
-            let metrics: Vec<proto::Metric> = state
-                .counters
+            let metrics: Vec<proto::Metric> = counters
                 .iter()
-                .filter(|(k, _)| k.family == family && active.contains(&k.provider))
-                .map(|(k, v)| {
-                    let mut labels = vec![label("provider", &k.provider)];
-                    for (name, value) in family.labels().iter().zip(&k.labels) {
-                        labels.push(label(name, value));
-                    }
-                    counter_metric(labels, *v)
+                .filter(|(k, _)| {
+                    k.family == family && (k.provider.is_empty() || active.contains(&k.provider))
                 })
+                .map(|(k, v)| counter_metric(k.label_pairs(family.labels()), *v))
                 .collect();
             families.push(family_of(
                 family.name(),
@@ -401,42 +533,48 @@ impl Accounting {
                 metrics,
             ));
         }
-        let metrics = state
-            .latency
-            .iter()
-            .filter(|((provider, _, _), _)| active.contains(provider))
-            .map(|((provider, model, status), hist)| {
-                let mut m = proto::Metric::default();
-                m.set_label(vec![
-                    label("provider", provider),
-                    label("model", model),
-                    label("status", status),
-                ]);
-                let mut h = proto::Histogram::default();
-                let mut cumulative = 0;
-                let mut buckets = Vec::with_capacity(self.buckets.len());
-                for (bound, count) in self.buckets.iter().zip(&hist.counts) {
-                    cumulative += count;
-                    let mut b = proto::Bucket::default();
-                    b.set_upper_bound(*bound);
-                    b.set_cumulative_count(cumulative);
-                    buckets.push(b);
-                }
-                h.set_bucket(buckets);
-                h.set_sample_count(hist.count);
-                h.set_sample_sum(hist.sum);
-                m.set_histogram(h);
-                m
-            })
-            .collect();
-        families.push(family_of(
-            "genai_task_completion_latency_seconds",
-            "Time from created_at to completion (completed_at, else updated_at) of finished tasks, each once.",
-            MetricType::HISTOGRAM,
-            metrics,
-        ));
+        drop(counters);
+        let histograms = self.histograms.lock().expect("accounting lock");
+        for family in HistFamily::ALL {
+            let bounds = self.buckets(family);
+            let metrics = histograms
+                .iter()
+                .filter(|(k, _)| k.family == family && active.contains(&k.provider))
+                .map(|(k, hist)| histogram_metric(k.label_pairs(family.labels()), bounds, hist))
+                .collect();
+            families.push(family_of(
+                family.name(),
+                family.help(),
+                MetricType::HISTOGRAM,
+                metrics,
+            ));
+        }
         families
     }
+}
+
+fn histogram_metric(
+    labels: Vec<proto::LabelPair>,
+    bounds: &[f64],
+    hist: &HistogramState,
+) -> proto::Metric {
+    let mut m = proto::Metric::default();
+    m.set_label(labels);
+    let mut h = proto::Histogram::default();
+    let mut cumulative = 0;
+    let mut buckets = Vec::with_capacity(bounds.len());
+    for (bound, count) in bounds.iter().zip(&hist.counts) {
+        cumulative += count;
+        let mut b = proto::Bucket::default();
+        b.set_upper_bound(*bound);
+        b.set_cumulative_count(cumulative);
+        buckets.push(b);
+    }
+    h.set_bucket(buckets);
+    h.set_sample_count(hist.count);
+    h.set_sample_sum(hist.sum);
+    m.set_histogram(h);
+    m
 }
 
 fn label(name: &str, value: &str) -> proto::LabelPair {
@@ -486,17 +624,14 @@ fn family_of(
 pub struct Metrics {
     prom: PromRegistry,
     pub accounting: Accounting,
-    pub upstream_requests: IntCounterVec,
-    pub upstream_duration: HistogramVec,
-    pub upstream_errors: IntCounterVec,
+    /// Counts since the last flush; the persister stages them into `accounting`.
+    pending_counts: Mutex<PendingCounts>,
     pub upstream_backoff: GaugeVec,
     pub account_credits: GaugeVec,
     pub provider_up: IntGaugeVec,
     pub last_poll_success: GaugeVec,
     pub reload_successful: IntGauge,
     pub reload_success_timestamp: Gauge,
-    pub webhooks: IntCounterVec,
-    pub discovery_errors: IntCounterVec,
     pub store_errors: IntCounterVec,
     pub shard_info: IntGaugeVec,
     /// Providers currently configured; series of others are left off the page.
@@ -540,18 +675,6 @@ impl Metrics {
         ))
         .expect("process collector");
 
-        let upstream_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "genai_upstream_request_duration_seconds",
-                "Upstream request latency, until the whole body was read.",
-            )
-            .buckets(UPSTREAM_BUCKETS.to_vec()),
-            &["provider", "endpoint"],
-        )
-        .expect("valid metric");
-        prom.register(Box::new(upstream_duration.clone()))
-            .expect("unique metric");
-
         let build_info = int_gauge_vec(
             &prom,
             "genai_exporter_build_info",
@@ -577,19 +700,7 @@ impl Metrics {
 
         Metrics {
             accounting: Accounting::new(latency_buckets),
-            upstream_requests: counter_vec(
-                &prom,
-                "genai_upstream_requests_total",
-                "Upstream requests by endpoint and HTTP status code (or timeout, connect_error, io_error).",
-                &["provider", "endpoint", "code"],
-            ),
-            upstream_duration,
-            upstream_errors: counter_vec(
-                &prom,
-                "genai_upstream_errors_total",
-                "API-level errors in upstream answers (envelope error codes, invalid_response).",
-                &["provider", "endpoint", "error"],
-            ),
+            pending_counts: Mutex::new(PendingCounts::default()),
             upstream_backoff: gauge_vec(
                 &prom,
                 "genai_upstream_backoff_seconds",
@@ -616,18 +727,6 @@ impl Metrics {
             ),
             reload_successful,
             reload_success_timestamp,
-            webhooks: counter_vec(
-                &prom,
-                "genai_exporter_webhook_requests_total",
-                "Provider callbacks received, by outcome.",
-                &["provider", "outcome"],
-            ),
-            discovery_errors: counter_vec(
-                &prom,
-                "genai_exporter_discovery_errors_total",
-                "Failures of a discovery source (unreadable task file, failed history page).",
-                &["provider", "source"],
-            ),
             store_errors: counter_vec(
                 &prom,
                 "genai_exporter_store_errors_total",
@@ -667,44 +766,69 @@ impl Metrics {
     /// Restores counter totals saved in the store.
     pub fn restore(&self, rows: &[(String, Vec<u8>)]) {
         for (key, value) in rows {
-            if self.accounting.restore_row(key, value) {
-                continue;
-            }
-            let parts: Vec<&str> = key.split(KEY_SEP).collect();
-            let Ok(bytes) = <[u8; 8]>::try_from(value.as_slice()) else {
-                continue;
-            };
-            let n = u64::from_le_bytes(bytes);
-            match (parts[0], parts.len()) {
-                (UPSTREAM_REQUESTS_KEY_PREFIX, 4) => self
-                    .upstream_requests
-                    .with_label_values(&parts[1..])
-                    .inc_by(n),
-                (UPSTREAM_ERRORS_KEY_PREFIX, 4) => self
-                    .upstream_errors
-                    .with_label_values(&parts[1..])
-                    .inc_by(n),
-                _ => {}
-            }
+            self.accounting.restore_row(key, value);
         }
     }
 
-    /// Store rows of the upstream counters (saved with every commit).
-    pub fn upstream_rows(&self) -> Vec<(String, Vec<u8>)> {
-        let mut rows = Vec::new();
-        for (prefix, vec) in [
-            (UPSTREAM_REQUESTS_KEY_PREFIX, &self.upstream_requests),
-            (UPSTREAM_ERRORS_KEY_PREFIX, &self.upstream_errors),
-        ] {
-            for family in vec.collect() {
-                for m in family.get_metric() {
-                    let values: Vec<&str> = m.get_label().iter().map(|l| l.value()).collect();
-                    let n = m.get_counter().get_value() as u64;
-                    rows.push((join_key(prefix, &values), n.to_le_bytes().to_vec()));
-                }
-            }
-        }
-        rows
+    /// Counts one upstream exchange: its `code` and how long it took.
+    pub fn record_request(&self, provider: &str, endpoint: &str, code: &str, seconds: f64) {
+        let mut pending = self.pending_counts.lock().expect("metrics lock");
+        *pending
+            .counters
+            .entry(SeriesKey::new(
+                Family::UpstreamRequests,
+                provider,
+                &[endpoint, code],
+            ))
+            .or_insert(0.0) += 1.0;
+        pending
+            .durations
+            .entry(SeriesKey::new(
+                HistFamily::UpstreamDuration,
+                provider,
+                &[endpoint],
+            ))
+            .or_insert_with(|| HistogramState::new(UPSTREAM_BUCKETS.len()))
+            .observe(&UPSTREAM_BUCKETS, seconds);
+    }
+
+    /// Counts one API-level error in an upstream answer.
+    pub fn record_api_error(&self, provider: &str, endpoint: &str, error: &str) {
+        let mut pending = self.pending_counts.lock().expect("metrics lock");
+        *pending
+            .counters
+            .entry(SeriesKey::new(
+                Family::UpstreamErrors,
+                provider,
+                &[endpoint, error],
+            ))
+            .or_insert(0.0) += 1.0;
+    }
+
+    /// Counts one provider callback by outcome. `provider` is empty when the path named no
+    /// configured provider (the path is attacker-controlled: never a label value).
+    pub fn count_webhook(&self, provider: &str, outcome: &str) {
+        self.count(Family::WebhookRequests, provider, &[outcome]);
+    }
+
+    /// Counts one failure of a discovery source.
+    pub fn count_discovery_error(&self, provider: &str, source: &str) {
+        self.count(Family::DiscoveryErrors, provider, &[source]);
+    }
+
+    fn count(&self, family: Family, provider: &str, labels: &[&str]) {
+        *self
+            .pending_counts
+            .lock()
+            .expect("metrics lock")
+            .counters
+            .entry(SeriesKey::new(family, provider, labels))
+            .or_insert(0.0) += 1.0;
+    }
+
+    /// Takes the counts gathered since the last call.
+    pub fn take_pending_counts(&self) -> PendingCounts {
+        std::mem::take(&mut *self.pending_counts.lock().expect("metrics lock"))
     }
 
     /// Records that `provider` is paused until `until`.
@@ -800,6 +924,58 @@ mod tests {
     use crate::task::{FailureReason, Status};
 
     #[test]
+    fn upstream_counts_wait_for_the_commit_and_survive_it() {
+        let registry = Arc::new(Registry::new(10, crate::config::Shard::default()));
+        let metrics = Metrics::new(vec![1.0], registry.clone());
+        metrics.set_providers(&["p".to_string()]);
+        metrics.record_request("p", "task", "200", 0.02);
+        metrics.record_request("p", "task", "200", 0.2);
+        metrics.record_api_error("p", "task", "invalid_response");
+        assert!(!metrics.render().contains("genai_upstream_requests_total{"));
+        let mut staged = Staged::default();
+        metrics
+            .accounting
+            .stage_counts(&mut staged, metrics.take_pending_counts());
+        let rows = metrics.accounting.encode(&staged);
+        metrics.accounting.publish(staged);
+        let page = metrics.render();
+        assert!(
+            page.contains(
+                r#"genai_upstream_requests_total{provider="p",endpoint="task",code="200"} 2"#
+            ),
+            "{page}"
+        );
+        assert!(
+            page.contains(
+                r#"genai_upstream_request_duration_seconds_count{provider="p",endpoint="task"} 2"#
+            ),
+            "{page}"
+        );
+
+        let restored = Metrics::new(vec![1.0], registry);
+        restored.set_providers(&["p".to_string()]);
+        restored.restore(&rows);
+        assert_eq!(
+            restored
+                .accounting
+                .value(Family::UpstreamErrors, "p", &["task", "invalid_response"]),
+            1.0
+        );
+        let upstream_lines = |page: &str| -> Vec<String> {
+            page.lines()
+                .filter(|l| l.starts_with("genai_upstream_re"))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(upstream_lines(&restored.render()), upstream_lines(&page));
+        assert_eq!(
+            upstream_lines(&page).len(),
+            16,
+            "1 counter, 15 histogram lines"
+        );
+    }
+
+    #[test]
     fn histogram_encoding_round_trips_and_rejects_other_buckets() {
         let bounds = [1.0, 5.0];
         let mut h = HistogramState::new(2);
@@ -839,12 +1015,12 @@ mod tests {
 
         let restored = Accounting::new(vec![1.0, 10.0]);
         for (k, v) in &rows {
-            assert!(restored.restore_row(k, v));
+            restored.restore_row(k, v);
         }
         assert_eq!(restored.value(Family::CreditsUsed, "p", &["m"]), 1.5);
         assert_eq!(
-            restored.state.lock().unwrap().latency,
-            acc.state.lock().unwrap().latency
+            *restored.histograms.lock().unwrap(),
+            *acc.histograms.lock().unwrap()
         );
     }
 }

@@ -2,7 +2,7 @@
 //! commits it with the counter totals it moved, and only then publishes the counters.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::metrics::{Metrics, Staged};
 use crate::registry::Registry;
@@ -12,6 +12,8 @@ use crate::task::now_millis;
 /// How often changes are committed: small enough that counters look live, large enough
 /// that thousands of answers a second become a handful of transactions.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+/// At most how long expired tombstones wait to be deleted from the store (a full scan).
+const TOMBSTONE_EXPIRY_INTERVAL: Duration = Duration::from_secs(3600);
 
 pub struct Persister {
     store: Arc<Store>,
@@ -19,7 +21,6 @@ pub struct Persister {
     metrics: Arc<Metrics>,
     /// A batch whose commit failed: retried before anything new is taken.
     failed: Option<(Batch, Staged)>,
-    last_upstream_rows: Vec<(String, Vec<u8>)>,
 }
 
 impl Persister {
@@ -29,7 +30,6 @@ impl Persister {
             registry,
             metrics,
             failed: None,
-            last_upstream_rows: Vec::new(),
         }
     }
 
@@ -38,9 +38,42 @@ impl Persister {
     pub async fn run(shared: Arc<tokio::sync::Mutex<Persister>>) {
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_expiry = Instant::now();
         loop {
             tick.tick().await;
-            shared.lock().await.flush().await;
+            let mut persister = shared.lock().await;
+            persister.flush().await;
+            // Hourly, or once per `forget_after` when that is shorter: the store holds no
+            // more than about two periods of tombstones.
+            let ttl =
+                Duration::from_millis(persister.registry.max_tombstone_ttl_ms().max(1000) as u64);
+            if last_expiry.elapsed() >= TOMBSTONE_EXPIRY_INTERVAL.min(ttl) {
+                last_expiry = Instant::now();
+                persister.expire_tombstones().await;
+            }
+        }
+    }
+
+    /// Deletes the store rows of tombstones past their time (the registry forgets them in
+    /// memory on its own sweep).
+    async fn expire_tombstones(&self) {
+        let store = self.store.clone();
+        let ttl = self.registry.max_tombstone_ttl_ms();
+        if ttl == 0 {
+            return; // no provider configured: nothing to judge by
+        }
+        let cutoff = now_millis() - ttl;
+        match tokio::task::spawn_blocking(move || store.expire_tombstones(cutoff)).await {
+            Ok(Ok(n)) if n > 0 => tracing::debug!(expired = n, "forgot old tombstones"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot expire tombstones; retrying later");
+                self.metrics
+                    .store_errors
+                    .with_label_values(&["expire"])
+                    .inc();
+            }
+            Err(e) => tracing::warn!(error = %e, "tombstone expiry task failed"),
         }
     }
 
@@ -62,7 +95,6 @@ impl Persister {
             None => self.collect(everything),
         };
         if batch.is_empty() {
-            self.metrics.accounting.publish(staged);
             return true;
         }
         let store = self.store.clone();
@@ -97,7 +129,14 @@ impl Persister {
         let now = now_millis();
         let mut batch = Batch::default();
         let mut staged = Staged::default();
-        for provider in self.registry.providers() {
+        // A removed provider's last commit takes everything, poll bookkeeping included.
+        let current = self
+            .registry
+            .providers()
+            .into_iter()
+            .map(|p| (p, everything));
+        let retired = self.registry.take_retired().into_iter().map(|p| (p, true));
+        for (provider, everything) in current.chain(retired) {
             provider.sweep(now);
             let pending = if everything {
                 provider.take_pending_all()
@@ -114,13 +153,9 @@ impl Persister {
                 .accounting
                 .stage(&mut staged, provider.name(), &pending.events);
         }
+        let counts = self.metrics.take_pending_counts();
+        self.metrics.accounting.stage_counts(&mut staged, counts);
         batch.put_counters = self.metrics.accounting.encode(&staged);
-        // Upstream counters ride along when they moved.
-        let upstream = self.metrics.upstream_rows();
-        if upstream != self.last_upstream_rows {
-            batch.put_counters.extend(upstream.iter().cloned());
-            self.last_upstream_rows = upstream;
-        }
         (batch, staged)
     }
 }

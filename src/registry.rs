@@ -35,12 +35,16 @@ pub const MODEL_UNKNOWN: &str = "unknown";
 /// Model label for names past `max_models_per_provider`.
 pub const MODEL_OTHER: &str = "other";
 
-/// How long an id stays remembered after its task left the registry, counted from the last
-/// time any source mentioned it. Sources that keep listing an id (static lists, files,
-/// history pages) keep its tombstone fresh, so it is never counted twice.
-pub const TOMBSTONE_TTL_MS: i64 = 7 * 24 * 3600 * 1000;
-/// A tombstone's refreshed time is written back at most this often.
-const TOMBSTONE_REFRESH_MS: i64 = 3600 * 1000;
+/// How often static ids and unchanged task files are mentioned again: three times per
+/// `forget_after`. An id stays remembered (a tombstone) for `forget_after` after the last time
+/// any source mentioned it; history pages mention their ids at every listing, and the
+/// exporter mentions static ids and task files itself at this pace. So an id that a source
+/// keeps listing is never counted twice, and ids that no source mentions any more are
+/// forgotten: memory stays bounded.
+pub fn remention_interval(polling: &Polling) -> std::time::Duration {
+    (polling.forget_after / 3).max(std::time::Duration::from_secs(1))
+}
+
 /// A task answering "not found" this many times in a row, over at least a minute, is dropped.
 const NOT_FOUND_LIMIT: u16 = 3;
 const NOT_FOUND_MIN_SPAN_MS: i64 = 60_000;
@@ -188,6 +192,7 @@ pub struct Pending {
 #[derive(Debug)]
 pub struct Registry {
     providers: RwLock<HashMap<String, Arc<ProviderTasks>>>,
+    retired: Mutex<Vec<Arc<ProviderTasks>>>,
     max_models: usize,
     shard: RwLock<Shard>,
 }
@@ -196,6 +201,7 @@ impl Registry {
     pub fn new(max_models: usize, shard: Shard) -> Self {
         Registry {
             providers: RwLock::new(HashMap::new()),
+            retired: Mutex::new(Vec::new()),
             max_models,
             shard: RwLock::new(shard),
         }
@@ -229,9 +235,17 @@ impl Registry {
     }
 
     /// Forgets a provider removed from the configuration (its store rows stay, so it
-    /// continues where it was if it comes back).
-    pub fn remove_provider(&self, name: &str) -> Option<Arc<ProviderTasks>> {
-        self.providers.write().expect("registry lock").remove(name)
+    /// continues where it was if it comes back). What it had not committed yet is handed to
+    /// the persister once more (see [`Registry::take_retired`]).
+    pub fn remove_provider(&self, name: &str) {
+        if let Some(tasks) = self.providers.write().expect("registry lock").remove(name) {
+            self.retired.lock().expect("registry lock").push(tasks);
+        }
+    }
+
+    /// Providers removed since the last call, for a last commit of their pending work.
+    pub fn take_retired(&self) -> Vec<Arc<ProviderTasks>> {
+        std::mem::take(&mut *self.retired.lock().expect("registry lock"))
     }
 
     pub fn providers(&self) -> Vec<Arc<ProviderTasks>> {
@@ -243,6 +257,15 @@ impl Registry {
 
     pub fn shard(&self) -> Shard {
         *self.shard.read().expect("registry lock")
+    }
+
+    /// The longest tombstone lifetime of any provider (store rows older than it can go).
+    pub fn max_tombstone_ttl_ms(&self) -> i64 {
+        self.providers()
+            .iter()
+            .map(|p| p.lock().policy.tombstone_ttl_ms)
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -261,6 +284,9 @@ struct Policy {
     max_interval_ms: i64,
     max_task_age_ms: i64,
     retention_ms: i64,
+    /// Re-mentions come every `remention_ms`; a tombstone lives `tombstone_ttl_ms` after one.
+    remention_ms: i64,
+    tombstone_ttl_ms: i64,
 }
 
 impl Policy {
@@ -270,6 +296,8 @@ impl Policy {
             max_interval_ms: p.max_interval.as_millis() as i64,
             max_task_age_ms: p.max_task_age.as_millis() as i64,
             retention_ms: p.retention.as_millis() as i64,
+            remention_ms: remention_interval(p).as_millis() as i64,
+            tombstone_ttl_ms: p.forget_after.as_millis() as i64,
         }
     }
 
@@ -551,7 +579,8 @@ struct Inner {
     counts: Vec<[u64; 7]>,
     /// Creation times of pending/running tasks, with multiplicity.
     in_flight: BTreeMap<i64, u32>,
-    tombstones: HashMap<TaskId, i64>,
+    /// Remembered ids, by [`id_hash`] (8 bytes instead of the id): last mention, ms.
+    tombstones: HashMap<u64, i64>,
     // Persistence work not yet taken by the persister.
     /// Slots whose task has the [`DIRTY`] flag (a slot may be listed more than once).
     dirty: Vec<u32>,
@@ -560,9 +589,11 @@ struct Inner {
     lazy_written: std::time::Instant,
     deleted: Vec<String>,
     tombstones_put: Vec<(String, i64)>,
-    tombstones_deleted: Vec<String>,
     events: Vec<Event>,
-    last_tombstone_sweep: i64,
+    /// Time of the last tombstone pass; `None` until the first sweep, which only starts the
+    /// clock: after a long stop, sources mention their ids again (refreshing them) within a
+    /// minute, before old tombstones are judged.
+    last_tombstone_sweep: Option<i64>,
 }
 
 /// Model names of one provider, bounded: index 0 is `unknown`, 1 is `other`.
@@ -637,9 +668,8 @@ impl ProviderTasks {
                 lazy_written: std::time::Instant::now(),
                 deleted: Vec::new(),
                 tombstones_put: Vec::new(),
-                tombstones_deleted: Vec::new(),
                 events: Vec::new(),
-                last_tombstone_sweep: 0,
+                last_tombstone_sweep: None,
             }),
             wake: Notify::new(),
         }
@@ -866,7 +896,6 @@ impl ProviderTasks {
         }
         batch.delete_tasks = std::mem::take(&mut inner.deleted);
         batch.put_tombstones = std::mem::take(&mut inner.tombstones_put);
-        batch.delete_tombstones = std::mem::take(&mut inner.tombstones_deleted);
         Pending {
             batch,
             events: std::mem::take(&mut inner.events),
@@ -874,7 +903,8 @@ impl ProviderTasks {
     }
 
     /// Restores a task record read from the store (start-up). Finished tasks come back for
-    /// the rest of their retention, in-flight ones are due within one interval.
+    /// the rest of their retention, in-flight ones are due within one interval. The caller
+    /// has checked that this shard owns it (`App::start`).
     pub fn restore_task(&self, id: &str, record: &[u8], now: i64) -> Result<(), DecodeError> {
         self.restorer().task(id, record, now)
     }
@@ -899,13 +929,6 @@ impl Restorer<'_> {
     /// Like [`ProviderTasks::restore_task`].
     pub fn task(&mut self, id: &str, record: &[u8], now: i64) -> Result<(), DecodeError> {
         let inner = &mut *self.inner;
-        if !inner.shard.owns(&inner.provider, id) {
-            // Re-sharded: another shard owns it now. Forget it here; that shard's
-            // discovery picks it up. Its counts stay in this shard's totals.
-            let key = store::task_key(&inner.provider, id);
-            inner.deleted.push(key);
-            return Ok(());
-        }
         let d = decode_task(record)?;
         if inner.slot_of(id).is_some() {
             return Ok(()); // restored already (a provider re-added by reload)
@@ -949,7 +972,7 @@ impl Restorer<'_> {
 
     /// Like [`ProviderTasks::restore_tombstone`].
     pub fn tombstone(&mut self, id: &str, last_seen: i64) {
-        self.inner.tombstones.insert(TaskId::new(id), last_seen);
+        self.inner.tombstones.insert(id_hash(id), last_seen);
     }
 }
 
@@ -1048,8 +1071,9 @@ impl Inner {
         if self.find(&task_id).is_some() {
             return TrackOutcome::Known;
         }
-        if let Some(last) = self.tombstones.get_mut(&task_id) {
-            if now - *last >= TOMBSTONE_REFRESH_MS {
+        if let Some(last) = self.tombstones.get_mut(&id_hash(id)) {
+            // Written back at most once per re-mention period.
+            if now - *last >= self.policy.remention_ms / 2 {
                 *last = now;
                 let key = store::task_key(&self.provider, id);
                 self.tombstones_put.push((key, now));
@@ -1279,9 +1303,11 @@ impl Inner {
             entry.remove();
         }
         self.free.push(slot);
-        let key = store::task_key(&self.provider, task.id.as_str(&mut [0; UUID_LEN]));
+        let mut buf = [0; UUID_LEN];
+        let id = task.id.as_str(&mut buf);
+        let key = store::task_key(&self.provider, id);
         self.deleted.push(key.clone());
-        self.tombstones.insert(task.id, now);
+        self.tombstones.insert(id_hash(id), now);
         self.tombstones_put.push((key, now));
         if let Some(reason) = reason {
             self.events.push(Event::Dropped { reason });
@@ -1302,18 +1328,13 @@ impl Inner {
                 self.remove(slot, now, None);
             }
         }
-        // Tombstones: a full pass, at most once a minute.
-        if now - self.last_tombstone_sweep >= 60_000 {
-            self.last_tombstone_sweep = now;
-            let provider = &self.provider;
-            let deleted = &mut self.tombstones_deleted;
-            self.tombstones.retain(|id, last| {
-                let keep = now - *last <= TOMBSTONE_TTL_MS;
-                if !keep {
-                    deleted.push(store::task_key(provider, id.as_str(&mut [0; UUID_LEN])));
-                }
-                keep
-            });
+        // Tombstones: a full pass, at most once a minute. (Their store rows are expired by
+        // the persister, `Store::expire_tombstones`.)
+        let last = *self.last_tombstone_sweep.get_or_insert(now);
+        if now - last >= 60_000 {
+            self.last_tombstone_sweep = Some(now);
+            let ttl = self.policy.tombstone_ttl_ms;
+            self.tombstones.retain(|_, last| now - *last <= ttl);
         }
     }
 
@@ -1339,6 +1360,16 @@ impl Inner {
             last_error: t.last_error().map(str::to_string),
         }
     }
+}
+
+/// A stable 64-bit hash of a task id, for the tombstone set (SipHash with fixed keys:
+/// collisions among millions of ids are vanishingly unlikely, and harmless but for one
+/// task not being tracked).
+fn id_hash(id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    id.hash(&mut hasher);
+    hasher.finish()
 }
 
 fn decrement(map: &mut BTreeMap<i64, u32>, key: i64) {
@@ -1585,6 +1616,7 @@ mod tests {
             interval: Duration::from_secs(10),
             max_interval: Duration::from_secs(60),
             retention: Duration::from_secs(100),
+            forget_after: Duration::from_secs(300),
             max_task_age: Duration::from_secs(1000),
             ..Polling::default()
         }
@@ -1682,6 +1714,32 @@ mod tests {
         assert_eq!(completed(&pending.events), 1);
         assert_eq!(pending.batch.delete_tasks.len(), 1);
         assert_eq!(pending.batch.put_tombstones.len(), 1);
+    }
+
+    #[test]
+    fn tombstones_live_forget_after_the_last_mention() {
+        let p = tasks(); // tombstones live forget_after = 300 s after a mention
+        for id in ["kept", "forgotten"] {
+            p.track(id, Source::Static, 0);
+            p.observe(&obs(id, Status::Succeeded), 0);
+        }
+        p.sweep(100_000); // retention over: both leave the registry, tombstones remain
+        assert_eq!(p.tracked(), 0);
+        for now in [200_000, 350_000] {
+            assert_eq!(
+                p.track("kept", Source::Static, now),
+                TrackOutcome::Remembered
+            );
+        }
+        p.sweep(500_000);
+        assert_eq!(
+            p.track("kept", Source::Static, 500_000),
+            TrackOutcome::Remembered
+        );
+        assert_eq!(
+            p.track("forgotten", Source::Static, 500_000),
+            TrackOutcome::New
+        );
     }
 
     #[test]
@@ -1967,6 +2025,202 @@ mod tests {
                 let expected: f64 = credits.values().map(|&c| f64::from(c)).sum();
                 prop_assert_eq!(used, expected);
             }
+        }
+    }
+}
+
+/// The exactly-once property: any sequence of observations for any set of tasks, in any
+/// order, with replays, retention sweeps, commits and crashes (restarts from the last commit)
+/// at any point, commits each task's terminal outcome once and each credit once.
+#[cfg(test)]
+mod exactly_once {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    /// What really happened to one task: its final state, and the answers a poller or a
+    /// callback may deliver (in any order, any number of times).
+    #[derive(Debug, Clone)]
+    struct Life {
+        terminal: Status,
+        credits_used: f64,
+        credits_refunded: f64,
+        answers: Vec<Observation>,
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Track(usize),
+        /// Answer `k` of a task, as a poll answer (true) or a callback (false).
+        Answer(usize, usize, bool),
+        Commit,
+        /// Restart from the last commit, losing everything not committed.
+        Crash,
+        Sweep(u32),
+    }
+
+    fn life() -> impl Strategy<Value = Life> {
+        let terminal = prop_oneof![
+            Just(Status::Succeeded),
+            Just(Status::Failed),
+            Just(Status::TimedOut),
+            Just(Status::Cancelled)
+        ];
+        (
+            terminal,
+            0u32..20,
+            0u32..20,
+            prop::collection::vec((0u8..3, 0u32..20), 0..4),
+        )
+            .prop_map(|(terminal, used, refunded, early)| {
+                let used = f64::from(used) / 2.0;
+                let refunded = f64::from(refunded.min(used as u32 * 2)) / 2.0;
+                let mut answers: Vec<Observation> = early
+                    .into_iter()
+                    .map(|(s, c)| {
+                        let status =
+                            [Status::Pending, Status::Running, Status::Unknown][s as usize];
+                        let mut o = Observation::new("", status, "x");
+                        o.credits_used = Some((f64::from(c) / 2.0).min(used));
+                        o
+                    })
+                    .collect();
+                let mut done = Observation::new("", terminal, "x");
+                done.model = Some("m".into());
+                done.credits_used = Some(used);
+                done.credits_refunded = Some(refunded);
+                done.created_at = Some(0);
+                done.completed_at = Some(1_000);
+                answers.push(done);
+                Life {
+                    terminal,
+                    credits_used: used,
+                    credits_refunded: refunded,
+                    answers,
+                }
+            })
+    }
+
+    fn ops(tasks: usize) -> impl Strategy<Value = Vec<Op>> {
+        let op = prop_oneof![
+            3 => (0..tasks).prop_map(Op::Track),
+            6 => (0..tasks, 0usize..5, any::<bool>()).prop_map(|(t, k, p)| Op::Answer(t, k, p)),
+            2 => Just(Op::Commit),
+            1 => Just(Op::Crash),
+            1 => (0u32..200_000).prop_map(Op::Sweep),
+        ];
+        prop::collection::vec(op, 0..60)
+    }
+
+    /// The committed world: the store's rows and the events committed with them.
+    #[derive(Default)]
+    struct Committed {
+        tasks: HashMap<String, Vec<u8>>,
+        tombstones: HashMap<String, i64>,
+        events: Vec<Event>,
+    }
+
+    fn commit(p: &ProviderTasks, committed: &mut Committed) {
+        let pending = p.take_pending();
+        for (k, v) in pending.batch.put_tasks {
+            committed.tasks.insert(k, v);
+        }
+        for k in pending.batch.delete_tasks {
+            committed.tasks.remove(&k);
+        }
+        for (k, v) in pending.batch.put_tombstones {
+            committed.tombstones.insert(k, v);
+        }
+        for k in pending.batch.delete_tombstones {
+            committed.tombstones.remove(&k);
+        }
+        committed.events.extend(pending.events);
+    }
+
+    fn fresh() -> ProviderTasks {
+        let polling = Polling {
+            retention: Duration::from_secs(60),
+            max_task_age: Duration::from_secs(1_000_000),
+            ..Polling::default()
+        };
+        ProviderTasks::new("p", &polling, 10, Shard::default())
+    }
+
+    fn restart(committed: &Committed, now: i64) -> ProviderTasks {
+        let p = fresh();
+        for (key, record) in &committed.tasks {
+            let (_, id) = store::split_task_key(key).unwrap();
+            p.restore_task(id, record, now).unwrap();
+        }
+        for (key, last) in &committed.tombstones {
+            let (_, id) = store::split_task_key(key).unwrap();
+            p.restore_tombstone(id, *last);
+        }
+        p
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn outcomes_and_credits_are_committed_exactly_once(
+            lives in prop::collection::vec(life(), 1..6),
+            script in ops(6),
+        ) {
+            let id = |t: usize| format!("task-{t}");
+            let mut committed = Committed::default();
+            let mut p = fresh();
+            let mut now: i64 = 1;
+            let answer = |p: &ProviderTasks, t: usize, k: usize, poll: bool, now: i64| {
+                let life: &Life = &lives[t];
+                let mut obs = life.answers[k % life.answers.len()].clone();
+                obs.task_id = id(t);
+                if poll {
+                    p.record_poll(&id(t), Ok(&obs), now);
+                } else {
+                    p.observe(&obs, now);
+                }
+            };
+            for op in script {
+                now += 10;
+                match op {
+                    Op::Track(t) if t < lives.len() => { p.track(&id(t), Source::Api, now); }
+                    Op::Answer(t, k, poll) if t < lives.len() => answer(&p, t, k, poll, now),
+                    Op::Commit => commit(&p, &mut committed),
+                    Op::Crash => p = restart(&committed, now),
+                    Op::Sweep(ms) => { now += i64::from(ms); p.sweep(now); }
+                    _ => {}
+                }
+            }
+            // Drain: every task is (re)discovered and its final answer arrives.
+            for (t, life) in lives.iter().enumerate() {
+                now += 10;
+                p.track(&id(t), Source::Api, now);
+                answer(&p, t, life.answers.len() - 1, true, now);
+            }
+            commit(&p, &mut committed);
+
+            // Completions per task are not observable by id in events, so count totals by
+            // status, and credits in total: each must equal the truth exactly.
+            let mut completions: HashMap<Status, usize> = HashMap::new();
+            let (mut used, mut refunded) = (0.0, 0.0);
+            for e in &committed.events {
+                match e {
+                    Event::Completed { status, .. } => *completions.entry(*status).or_default() += 1,
+                    Event::CreditsUsed { amount, .. } => used += amount,
+                    Event::CreditsRefunded { amount, .. } => refunded += amount,
+                    _ => {}
+                }
+            }
+            let mut expected: HashMap<Status, usize> = HashMap::new();
+            for l in &lives {
+                *expected.entry(l.terminal).or_default() += 1;
+            }
+            prop_assert_eq!(completions, expected);
+            let truth_used: f64 = lives.iter().map(|l| l.credits_used).sum();
+            let truth_refunded: f64 = lives.iter().map(|l| l.credits_refunded).sum();
+            prop_assert!((used - truth_used).abs() < 1e-9, "used {} truth {}", used, truth_used);
+            prop_assert!((refunded - truth_refunded).abs() < 1e-9, "refunded {} truth {}", refunded, truth_refunded);
         }
     }
 }

@@ -120,7 +120,7 @@ impl Store {
             path: path.clone(),
             message: e.to_string(),
         };
-        let db = redb::Builder::new()
+        let db = Database::builder()
             .set_cache_size(CACHE_BYTES)
             .create(&path)
             .map_err(|e| err(&e))?;
@@ -231,6 +231,20 @@ impl Store {
         Ok(())
     }
 
+    /// Calls `f(key)` for the key of every task and tombstone, of every provider.
+    pub fn for_each_key(&self, mut f: impl FnMut(&str)) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tasks = txn.open_table(TASKS).map_err(|e| self.err(e))?;
+        for row in tasks.iter().map_err(|e| self.err(e))? {
+            f(row.map_err(|e| self.err(e))?.0.value());
+        }
+        let tombstones = txn.open_table(TOMBSTONES).map_err(|e| self.err(e))?;
+        for row in tombstones.iter().map_err(|e| self.err(e))? {
+            f(row.map_err(|e| self.err(e))?.0.value());
+        }
+        Ok(())
+    }
+
     /// Calls `f(key, last_seen)` for every tombstone of `provider`.
     pub fn for_each_tombstone(
         &self,
@@ -274,6 +288,21 @@ impl Store {
             snapshot.tombstones.push((k.value().to_string(), v.value()));
         }
         Ok(snapshot)
+    }
+
+    /// Deletes tombstones last mentioned before `cutoff` (ms); returns how many.
+    pub fn expire_tombstones(&self, cutoff: i64) -> Result<usize, StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        let expired = {
+            let mut table = txn.open_table(TOMBSTONES).map_err(|e| self.err(e))?;
+            let before = table.len().map_err(|e| self.err(e))?;
+            table
+                .retain(|_, last| last >= cutoff)
+                .map_err(|e| self.err(e))?;
+            before - table.len().map_err(|e| self.err(e))?
+        };
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(expired as usize)
     }
 
     /// Writes a batch atomically and durably.
@@ -357,5 +386,8 @@ mod tests {
         let other = store.load_provider("m").unwrap();
         assert!(other.tasks.is_empty(), "prefix of another provider's name");
         assert_eq!(store.load_provider("mx").unwrap().tasks.len(), 1);
+        assert_eq!(store.expire_tombstones(41).unwrap(), 0);
+        assert_eq!(store.expire_tombstones(43).unwrap(), 1);
+        assert!(store.load().unwrap().tombstones.is_empty());
     }
 }

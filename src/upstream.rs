@@ -225,14 +225,12 @@ impl Upstream {
             Ok(answer) => status_label(answer.status),
             Err(e) => Cow::Borrowed(e.code()),
         };
-        self.metrics
-            .upstream_duration
-            .with_label_values(&[&self.provider, endpoint.as_str()])
-            .observe(started.elapsed().as_secs_f64());
-        self.metrics
-            .upstream_requests
-            .with_label_values(&[&self.provider, endpoint.as_str(), &code])
-            .inc();
+        self.metrics.record_request(
+            &self.provider,
+            endpoint.as_str(),
+            &code,
+            started.elapsed().as_secs_f64(),
+        );
         self.status.lock().expect("status lock").requests += 1;
         match &result {
             Ok(answer) if answer.status == 429 || answer.status == 503 => {
@@ -330,9 +328,7 @@ impl Upstream {
             Err(failure) => {
                 if let Some(error) = failure.api_error {
                     self.metrics
-                        .upstream_errors
-                        .with_label_values(&[&self.provider, endpoint.as_str(), error])
-                        .inc();
+                        .record_api_error(&self.provider, endpoint.as_str(), error);
                 }
                 let message = format!(
                     "{} request: {}",
@@ -365,6 +361,9 @@ impl Upstream {
         self.failures_in_a_row.store(0, Ordering::Relaxed);
         let now = SystemTime::now();
         let mut status = self.status.lock().expect("status lock");
+        if !status.up && status.last_error.is_some() {
+            tracing::info!(provider = %self.provider, "provider answers again");
+        }
         status.up = true;
         status.last_success = Some(now);
         self.metrics

@@ -6,15 +6,17 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::Value;
+
+mod common;
+use common::demo::{Demo, url_after};
 
 /// Panels that may show nothing in a demo that has run for about a minute, with the reason.
 /// ("Days of balance left" is not here: the demo polls the balance every 15 s while it spends.)
@@ -297,90 +299,6 @@ fn has_data(result: &Value) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Processes
 // ---------------------------------------------------------------------------------------------
-
-/// `genai-task-exporter demo`: simulated providers and the exporter, on loopback ports.
-struct Demo {
-    child: Child,
-    metrics_url: String,
-    stderr_file: tempfile::NamedTempFile,
-}
-
-impl Demo {
-    fn start() -> Demo {
-        let stderr = tempfile::NamedTempFile::new().expect("temp file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_genai-task-exporter"))
-            .args([
-                "demo",
-                "--web.listen-address",
-                "127.0.0.1:0",
-                "--simulator.listen-address",
-                "127.0.0.1:0",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr.reopen().expect("temp file"))
-            .spawn()
-            .expect("start genai-task-exporter demo");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Keep reading to the end, so the demo never blocks on a full pipe.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut demo = Demo {
-            child,
-            metrics_url: String::new(),
-            stderr_file: stderr,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut seen = String::new();
-        while demo.metrics_url.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(url) = url_after(&line, "metrics:") {
-                        demo.metrics_url = url;
-                    }
-                    seen.push_str(&line);
-                    seen.push('\n');
-                }
-                Err(e) => {
-                    let how = match e {
-                        mpsc::RecvTimeoutError::Timeout => "within 30 s".to_string(),
-                        mpsc::RecvTimeoutError::Disconnected => {
-                            format!("before it exited ({:?})", demo.child.wait())
-                        }
-                    };
-                    panic!(
-                        "the demo printed no metrics URL {how}; stdout:\n{seen}\nstderr:\n{}",
-                        demo.stderr()
-                    )
-                }
-            }
-        }
-        demo
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(self.stderr_file.path()).unwrap_or_default()
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The URL after `label` on a line like `  metrics:             http://127.0.0.1:PORT/metrics`.
-fn url_after(line: &str, label: &str) -> Option<String> {
-    let rest = line.trim_start().strip_prefix(label)?;
-    let url = rest.split_whitespace().next()?;
-    url.starts_with("http://").then(|| url.to_string())
-}
 
 /// The Debian `prometheus` server with a 1 s scrape and evaluation interval.
 struct Prometheus {

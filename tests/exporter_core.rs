@@ -478,7 +478,10 @@ async fn unauthorized_marks_the_provider_down() {
     let exporter = start_maxapi(&fake, &["t1"], &dir).await;
     let m = exporter
         .wait_for(WAIT, |m| {
+            // provider_up is also 0 before the first answer: wait for the 401 itself.
             m.get("genai_exporter_provider_up", &[("provider", "mx")]) == Some(0.0)
+                && m.get("genai_upstream_requests_total", &[("code", "401")])
+                    .is_some()
         })
         .await;
     assert!(

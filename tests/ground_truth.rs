@@ -6,12 +6,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Exporter, Scrape};
+use common::{Exporter, Scrape, compare_with_truth as compare};
 use genai_task_exporter::simulator::{
     FailureMix, Faults, GroundTruth, ModelKind, ModelSim, Outage, ProviderSim, Register, SimConfig,
     Simulator, Workload,
 };
-use genai_task_exporter::task::{FailureReason, Status};
+use genai_task_exporter::task::Status;
 use tokio::net::TcpListener;
 
 const MAXAPI_KEY: &str = "sim-maxapi-key";
@@ -164,87 +164,6 @@ async fn drain(run: &Run, timeout: Duration) -> (GroundTruth, Scrape) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-/// Compares every task counter with the truth, printing the figures; returns mismatches.
-fn compare(truth: &GroundTruth, m: &Scrape) -> Vec<String> {
-    let mut mismatches = Vec::new();
-    let mut check = |what: String, expected: f64, got: f64| {
-        let ok = (expected - got).abs() < 1e-9;
-        println!(
-            "{:<70} truth {:>8} exporter {:>8} {}",
-            what,
-            expected,
-            got,
-            if ok { "ok" } else { "MISMATCH" }
-        );
-        if !ok {
-            mismatches.push(what);
-        }
-    };
-    for (provider, p) in &truth.providers {
-        for (model, t) in &p.models {
-            let labels = |extra: (&'static str, &'static str)| {
-                vec![
-                    ("provider", provider.as_str()),
-                    ("model", model.as_str()),
-                    extra,
-                ]
-            };
-            for status in [
-                Status::Succeeded,
-                Status::Failed,
-                Status::TimedOut,
-                Status::Cancelled,
-            ] {
-                let got = m.sum(
-                    "genai_task_completions_total",
-                    &labels(("status", status.as_str())),
-                );
-                check(
-                    format!("{provider}/{model} completions {status}"),
-                    t.terminal.get(status) as f64,
-                    got,
-                );
-            }
-            for reason in FailureReason::ALL {
-                let got = m.sum(
-                    "genai_task_failures_total",
-                    &labels(("reason", reason.as_str())),
-                );
-                check(
-                    format!("{provider}/{model} failures {}", reason.as_str()),
-                    t.failures.get(reason) as f64,
-                    got,
-                );
-            }
-            let base = [("provider", provider.as_str()), ("model", model.as_str())];
-            check(
-                format!("{provider}/{model} credits used"),
-                t.credits_used,
-                m.sum("genai_task_credits_used_total", &base),
-            );
-            check(
-                format!("{provider}/{model} credits refunded"),
-                t.credits_refunded,
-                m.sum("genai_task_credits_refunded_total", &base),
-            );
-            check(
-                format!("{provider}/{model} latency observations"),
-                t.terminal.total() as f64,
-                m.sum("genai_task_completion_latency_seconds_count", &base),
-            );
-        }
-        check(
-            format!("{provider} completions, all models"),
-            p.totals.terminal.total() as f64,
-            m.sum(
-                "genai_task_completions_total",
-                &[("provider", provider.as_str())],
-            ),
-        );
-    }
-    mismatches
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

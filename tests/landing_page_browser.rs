@@ -2,12 +2,14 @@
 //! loaded by headless Chromium (Debian package `chromium`), and the DOM the browser built checked
 //! for the provider status table: one row per demo provider with its status cells.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::io::Read;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use regex::Regex;
+
+mod common;
+use common::demo::Demo;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const DEMO_PROVIDERS: &[&str] = &["maxapi", "apimall"];
@@ -192,86 +194,6 @@ fn dump_dom(url: &str) -> String {
     dom
 }
 
-/// `genai-task-exporter demo`: simulated providers and the exporter, on loopback ports.
-struct Demo {
-    child: Child,
-    landing_url: String,
-    stderr_file: tempfile::NamedTempFile,
-}
-
-impl Demo {
-    fn start() -> Demo {
-        let stderr = tempfile::NamedTempFile::new().expect("temp file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_genai-task-exporter"))
-            .args([
-                "demo",
-                "--web.listen-address",
-                "127.0.0.1:0",
-                "--simulator.listen-address",
-                "127.0.0.1:0",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr.reopen().expect("temp file"))
-            .spawn()
-            .expect("start genai-task-exporter demo");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Keep reading to the end, so the demo never blocks on a full pipe.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut demo = Demo {
-            child,
-            landing_url: String::new(),
-            stderr_file: stderr,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut seen = String::new();
-        while demo.landing_url.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(url) = url_after(&line, "landing page:") {
-                        demo.landing_url = url;
-                    }
-                    seen.push_str(&line);
-                    seen.push('\n');
-                }
-                Err(e) => {
-                    let how = match e {
-                        mpsc::RecvTimeoutError::Timeout => "within 30 s".to_string(),
-                        mpsc::RecvTimeoutError::Disconnected => {
-                            format!("before it exited ({:?})", demo.child.wait())
-                        }
-                    };
-                    panic!(
-                        "the demo printed no landing page URL {how}; stdout:\n{seen}\nstderr:\n{}",
-                        std::fs::read_to_string(demo.stderr_file.path()).unwrap_or_default()
-                    )
-                }
-            }
-        }
-        demo
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The URL after `label` on a line like `  landing page:        http://127.0.0.1:PORT/`.
-fn url_after(line: &str, label: &str) -> Option<String> {
-    let rest = line.trim_start().strip_prefix(label)?;
-    let url = rest.split_whitespace().next()?;
-    url.starts_with("http://").then(|| url.to_string())
-}
-
 #[test]
 fn provider_rows_are_read_from_the_table() {
     let dom = r#"<html><body><table id="providers"><thead><tr><th>provider</th></tr></thead><tbody>
@@ -286,12 +208,4 @@ fn provider_rows_are_read_from_the_table() {
     assert_eq!(rows[0].cells["tasks"], "12");
     assert_eq!(rows[0].cells["last-error"], "");
     assert_eq!(rows[1].provider, "a&b");
-    assert_eq!(
-        url_after(
-            "  landing page:        http://127.0.0.1:4242/",
-            "landing page:"
-        )
-        .as_deref(),
-        Some("http://127.0.0.1:4242/")
-    );
 }

@@ -323,8 +323,13 @@ for (const file of files) {
 }
 
 // --- the runbook names panels that exist ---------------------------------------------------------
-const runbook = fs
-  .readFileSync(path.join(root, "README.md"), "utf8")
+// Only the README's runbook section: from its heading to the next second-level heading.
+const readme = fs.readFileSync(path.join(root, "README.md"), "utf8");
+const runbookStart = readme.indexOf("\n## Runbook\n");
+if (runbookStart < 0) problem("README.md", "has no '## Runbook' section");
+const runbookEnd = readme.indexOf("\n## ", runbookStart + 1);
+const runbook = readme
+  .slice(runbookStart, runbookEnd < 0 ? undefined : runbookEnd)
   .replace(/```[\s\S]*?```/g, "")
   .replace(/`[^`\n]*`/g, "");
 for (const m of runbook.matchAll(/(?<![*\w])\*([^*\n]+)\*(?![*\w])/g)) {

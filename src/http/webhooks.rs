@@ -24,12 +24,7 @@ pub async fn receive(
     Query(query): Query<WebhookQuery>,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let count = |provider: &str, outcome: &str| {
-        app.metrics
-            .webhooks
-            .with_label_values(&[provider, outcome])
-            .inc();
-    };
+    let count = |provider: &str, outcome: &str| app.metrics.count_webhook(provider, outcome);
     // Only configured names become label values: the path is attacker-controlled.
     let runtime = app.with_runtime(&provider, |rt| {
         (

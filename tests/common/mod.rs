@@ -2,6 +2,8 @@
 //! 127.0.0.1:0, and a parser for the text exposition format.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod demo;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -15,6 +17,8 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
 use genai_task_exporter::app::App;
 use genai_task_exporter::config::{self, Overrides};
+use genai_task_exporter::simulator::GroundTruth;
+use genai_task_exporter::task::{FailureReason, Status};
 
 // ---------------------------------------------------------------------------------------
 // Fake upstream
@@ -164,9 +168,52 @@ pub struct Exporter {
     pub addr: SocketAddr,
     pub app: Arc<App>,
     server: tokio::task::JoinHandle<()>,
+    scheme: &'static str,
 }
 
 impl Exporter {
+    /// Starts the exporter from a configuration file, as the binary does: secrets come from
+    /// the process environment or files, and reload re-reads `path`.
+    pub async fn start_from_file(path: &Path) -> Exporter {
+        Self::start_from_file_with_web(path, None).await
+    }
+
+    /// Same, served through `web` (TLS, basic auth, headers) when given; a reload re-reads
+    /// the web configuration too.
+    pub async fn start_from_file_with_web(
+        path: &Path,
+        web: Option<Arc<genai_task_exporter::web::Web>>,
+    ) -> Exporter {
+        let settings = config::load(path, &Overrides::default(), &config::ProcessEnv)
+            .expect("test config is valid");
+        let app = App::start(settings, Some(path.to_path_buf()), Overrides::default())
+            .await
+            .expect("exporter starts");
+        if let Some(web) = &web {
+            let web = web.clone();
+            app.on_reload(Box::new(move || web.reload()));
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let scheme = if web.as_ref().is_some_and(|w| w.is_tls()) {
+            "https"
+        } else {
+            "http"
+        };
+        let router = genai_task_exporter::http::router(app.clone());
+        let server = tokio::spawn(async move {
+            genai_task_exporter::web::serve(listener, router, web, std::future::pending())
+                .await
+                .unwrap()
+        });
+        Exporter {
+            addr,
+            app,
+            server,
+            scheme,
+        }
+    }
+
     /// Starts the exporter from YAML; `env` supplies the variables the YAML names.
     pub async fn start(yaml: &str, env: &[(&str, &str)], state_dir: &Path) -> Exporter {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -180,6 +227,27 @@ impl Exporter {
         env: &[(&str, &str)],
         state_dir: &Path,
     ) -> Exporter {
+        Exporter::try_start_on(listener, yaml, env, state_dir)
+            .await
+            .expect("exporter starts")
+    }
+
+    /// Starts the exporter, or says why it refused to.
+    pub async fn try_start(
+        yaml: &str,
+        env: &[(&str, &str)],
+        state_dir: &Path,
+    ) -> Result<Exporter, genai_task_exporter::app::StartError> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Exporter::try_start_on(listener, yaml, env, state_dir).await
+    }
+
+    async fn try_start_on(
+        listener: tokio::net::TcpListener,
+        yaml: &str,
+        env: &[(&str, &str)],
+        state_dir: &Path,
+    ) -> Result<Exporter, genai_task_exporter::app::StartError> {
         let yaml = format!("state:\n  path: {}\n{yaml}", state_dir.display());
         let file = config::parse(&yaml).expect("test config parses");
         let vars: HashMap<String, String> = env
@@ -190,17 +258,20 @@ impl Exporter {
         let settings =
             config::resolve(file, Path::new("test.yaml"), &Overrides::default(), &lookup)
                 .expect("test config is valid");
-        let app = App::start(settings, None, Overrides::default())
-            .await
-            .expect("exporter starts");
+        let app = App::start(settings, None, Overrides::default()).await?;
         let addr = listener.local_addr().unwrap();
         let router = genai_task_exporter::http::router(app.clone());
         let server = tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-        Exporter { addr, app, server }
+        Ok(Exporter {
+            addr,
+            app,
+            server,
+            scheme: "http",
+        })
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("{}://{}{}", self.scheme, self.addr, path)
     }
 
     /// Scrapes `/metrics` over HTTP, after committing pending counts.
@@ -387,4 +458,247 @@ pub fn promtool_check_metrics(text: &str) -> String {
     } else {
         format!("exit {:?}: {complaints}", out.status.code())
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The real binary
+// ---------------------------------------------------------------------------------------
+
+/// The exporter binary, started with `args`, its stderr collected line by line.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub logs: Arc<Mutex<Vec<String>>>,
+    pub addr: SocketAddr,
+}
+
+impl Binary {
+    /// Starts the binary and waits for its `listening` line (give it
+    /// `--web.listen-address 127.0.0.1:0`), then for `/-/healthy` to answer.
+    pub async fn start(args: &[&str]) -> Binary {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_genai-task-exporter"))
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("binary starts");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            let found = logs.lock().unwrap().iter().find_map(|l| {
+                let rest = l.split(" address=").nth(1)?;
+                l.contains("msg=listening")
+                    .then(|| rest.split(' ').next()?.parse::<SocketAddr>().ok())
+                    .flatten()
+            });
+            if let Some(addr) = found {
+                break addr;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "binary exited with {status} before listening:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no listening line:\n{}",
+                logs.lock().unwrap().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Binary { child, logs, addr }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name}");
+    }
+
+    /// Scrapes `/metrics` over HTTP.
+    pub async fn scrape(&self) -> Scrape {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        Scrape::parse(&text)
+    }
+
+    /// Scrapes until `check` holds, or panics after `timeout` showing the last page and logs.
+    pub async fn wait_for(&self, timeout: Duration, check: impl Fn(&Scrape) -> bool) -> Scrape {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let scrape = self.scrape().await;
+            if check(&scrape) {
+                return scrape;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "condition not met within {timeout:?}; last scrape:\n{}\nlogs:\n{}",
+                    scrape.text,
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("binary did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Ground truth
+// ---------------------------------------------------------------------------------------
+
+/// Compares every task counter with the truth, printing the figures; returns mismatches.
+pub fn compare_with_truth(truth: &GroundTruth, m: &Scrape) -> Vec<String> {
+    let mut mismatches = Vec::new();
+    let mut check = |what: String, expected: f64, got: f64| {
+        let ok = (expected - got).abs() < 1e-9;
+        println!(
+            "{:<70} truth {:>8} exporter {:>8} {}",
+            what,
+            expected,
+            got,
+            if ok { "ok" } else { "MISMATCH" }
+        );
+        if !ok {
+            mismatches.push(what);
+        }
+    };
+    for (provider, p) in &truth.providers {
+        for (model, t) in &p.models {
+            let labels = |extra: (&'static str, &'static str)| {
+                vec![
+                    ("provider", provider.as_str()),
+                    ("model", model.as_str()),
+                    extra,
+                ]
+            };
+            for status in [
+                Status::Succeeded,
+                Status::Failed,
+                Status::TimedOut,
+                Status::Cancelled,
+            ] {
+                let got = m.sum(
+                    "genai_task_completions_total",
+                    &labels(("status", status.as_str())),
+                );
+                check(
+                    format!("{provider}/{model} completions {status}"),
+                    t.terminal.get(status) as f64,
+                    got,
+                );
+            }
+            for reason in FailureReason::ALL {
+                let got = m.sum(
+                    "genai_task_failures_total",
+                    &labels(("reason", reason.as_str())),
+                );
+                check(
+                    format!("{provider}/{model} failures {}", reason.as_str()),
+                    t.failures.get(reason) as f64,
+                    got,
+                );
+            }
+            let base = [("provider", provider.as_str()), ("model", model.as_str())];
+            check(
+                format!("{provider}/{model} credits used"),
+                t.credits_used,
+                m.sum("genai_task_credits_used_total", &base),
+            );
+            check(
+                format!("{provider}/{model} credits refunded"),
+                t.credits_refunded,
+                m.sum("genai_task_credits_refunded_total", &base),
+            );
+            check(
+                format!("{provider}/{model} latency observations"),
+                t.terminal.total() as f64,
+                m.sum("genai_task_completion_latency_seconds_count", &base),
+            );
+        }
+        check(
+            format!("{provider} completions, all models"),
+            p.totals.terminal.total() as f64,
+            m.sum(
+                "genai_task_completions_total",
+                &[("provider", provider.as_str())],
+            ),
+        );
+    }
+    mismatches
+}
+
+/// Appends every id the simulator creates for `provider` to `file`, as a job that submits
+/// tasks would: the exporter finds them through `task_files`.
+pub fn spawn_task_file_writer(
+    sim: genai_task_exporter::simulator::Simulator,
+    provider: genai_task_exporter::simulator::SimProvider,
+    file: std::path::PathBuf,
+) {
+    use std::io::Write;
+    tokio::spawn(async move {
+        let mut after = 0;
+        loop {
+            let list = sim.task_ids(provider, after, 10_000);
+            if !list.task_ids.is_empty() {
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&file)
+                    .unwrap();
+                for id in &list.task_ids {
+                    writeln!(f, "{id}").unwrap();
+                }
+                after = list.next;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
 }

@@ -1,0 +1,25 @@
+//! Fuzz target: apimall balance answers (status byte + body).
+//! Any input must give a value or an error: no panic, no runaway allocation.
+#![no_main]
+
+use genai_task_exporter::providers::FailureRules;
+use genai_task_exporter::providers::apimall::Apimall;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&status, body)) = data.split_first() else {
+        return;
+    };
+    if let Ok(balance) =
+        Apimall::new(FailureRules::defaults()).parse_balance(status_of(status), body)
+    {
+        // Only finite values become gauge values.
+        assert!(balance.credits.is_finite() && balance.api_credits.is_finite());
+    }
+});
+
+/// Spreads one byte over the HTTP statuses that matter (2xx, 4xx, 5xx, a redirect).
+fn status_of(byte: u8) -> u16 {
+    const STATUSES: [u16; 12] = [200, 201, 204, 400, 401, 403, 404, 429, 500, 502, 503, 302];
+    STATUSES[usize::from(byte) % STATUSES.len()]
+}

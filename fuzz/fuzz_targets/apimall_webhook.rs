@@ -1,0 +1,14 @@
+//! Fuzz target: apimall account webhook bodies.
+//! Any input must give a value or an error: no panic, no runaway allocation.
+#![no_main]
+
+use genai_task_exporter::providers::FailureRules;
+use genai_task_exporter::providers::apimall::Apimall;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|body: &[u8]| {
+    let adapter = Apimall::new(FailureRules::defaults());
+    if let Ok(observation) = adapter.parse_webhook(body) {
+        let _ = adapter.task_path(&observation.task_id);
+    }
+});

@@ -1,0 +1,418 @@
+//! Configuration reload (`POST /-/reload`, SIGHUP) over real listeners: providers added and
+//! removed, bad files refused while the running configuration keeps working, secrets
+//! re-read, and the reload metrics.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{Binary, Exporter, FakeUpstream, Reply, Scrape};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(15);
+const API_TOKEN: &str = "reload-api-token-4b1d";
+
+/// RFC 3339 time `seconds_ago` before now.
+fn ago(seconds_ago: u64) -> String {
+    let t = std::time::SystemTime::now() - Duration::from_secs(seconds_ago);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn maxapi_task(id: &str, status: &str) -> Value {
+    json!({"code": 0, "msg": "ok", "data": {
+        "taskId": id,
+        "status": status,
+        "input": {"model": "nano-banana", "prompt": "a cat"},
+        "result": null,
+        "created_at": ago(20),
+        "updated_at": ago(2)
+    }})
+}
+
+/// A tempdir with the API token and one key file per provider name.
+struct Files {
+    dir: tempfile::TempDir,
+}
+
+impl Files {
+    fn new() -> Files {
+        let files = Files {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        files.write("api-token", API_TOKEN);
+        files
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        // Write then rename, so a reader never sees half a file.
+        let tmp = self.path(&format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.path(name)).unwrap();
+    }
+
+    fn config(&self) -> PathBuf {
+        self.path("config.yaml")
+    }
+}
+
+/// One maxapi provider block.
+fn provider(name: &str, base_url: &str, key_file: &Path, tasks: &[&str]) -> String {
+    format!(
+        "  - name: {name}\n    type: maxapi\n    base_url: {base_url}\n    token_file: {}\n    tasks: {tasks:?}\n",
+        key_file.display()
+    )
+}
+
+fn config_yaml(files: &Files, providers: &[String]) -> String {
+    format!(
+        "server:\n  api_token_file: {}\nstate:\n  path: {}\n\
+         polling: {{interval: 100ms, max_interval: 200ms, timeout: 2s, requests_per_second: 200}}\n\
+         providers:\n{}",
+        files.path("api-token").display(),
+        files.path("state").display(),
+        if providers.is_empty() {
+            "  []\n".to_string()
+        } else {
+            providers.concat()
+        }
+    )
+}
+
+async fn post_reload(url: &str) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+fn reload_gauges(m: &Scrape) -> (f64, f64) {
+    (
+        m.get("genai_exporter_config_last_reload_successful", &[])
+            .unwrap(),
+        m.get(
+            "genai_exporter_config_last_reload_success_timestamp_seconds",
+            &[],
+        )
+        .unwrap(),
+    )
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_and_removes_providers_and_keeps_counters() {
+    let fake = FakeUpstream::start().await;
+    fake.script(
+        "/api/v1/task/t-one",
+        vec![Reply::json(200, maxapi_task("t-one", "SUCCESS"))],
+    );
+    fake.script(
+        "/api/v1/task/t-two",
+        vec![Reply::json(200, maxapi_task("t-two", "SUCCESS"))],
+    );
+    fake.script(
+        "/api/v1/task/t-two-pending",
+        vec![Reply::json(200, maxapi_task("t-two-pending", "PENDING"))],
+    );
+    let files = Files::new();
+    files.write("one.key", "key-one");
+    files.write("two.key", "key-two");
+    let one = provider("one", &fake.url(), &files.path("one.key"), &["t-one"]);
+    let two = provider(
+        "two",
+        &fake.url(),
+        &files.path("two.key"),
+        &["t-two", "t-two-pending"],
+    );
+    files.write(
+        "config.yaml",
+        &config_yaml(&files, std::slice::from_ref(&one)),
+    );
+    let exporter = Exporter::start_from_file(&files.config()).await;
+
+    let completions =
+        |m: &Scrape, p: &str| m.sum("genai_task_completions_total", &[("provider", p)]);
+    let m = exporter
+        .wait_for(WAIT, |m| completions(m, "one") == 1.0)
+        .await;
+    assert_eq!(
+        m.get("genai_exporter_provider_up", &[("provider", "two")]),
+        None
+    );
+    let (ok, started_at) = reload_gauges(&m);
+    assert_eq!(ok, 1.0);
+    assert!(fake.hits("/api/v1/task/t-two").is_empty());
+
+    // Add provider "two": it starts polling, "one" keeps its counters.
+    files.write(
+        "config.yaml",
+        &config_yaml(&files, &[one.clone(), two.clone()]),
+    );
+    let (status, body) = post_reload(&exporter.url("/-/reload")).await;
+    assert_eq!((status, body.as_str()), (200, "configuration reloaded\n"));
+    let m = exporter
+        .wait_for(WAIT, |m| completions(m, "two") == 1.0)
+        .await;
+    assert!(!fake.hits("/api/v1/task/t-two").is_empty());
+    assert_eq!(
+        completions(&m, "one"),
+        1.0,
+        "counters of the unchanged provider stay"
+    );
+    assert_eq!(
+        m.get("genai_exporter_provider_up", &[("provider", "two")]),
+        Some(1.0)
+    );
+    let (ok, reloaded_at) = reload_gauges(&m);
+    assert_eq!(ok, 1.0);
+    assert!(reloaded_at >= started_at);
+
+    // Remove provider "one": its series leave the page, "two" goes on.
+    files.write(
+        "config.yaml",
+        &config_yaml(&files, std::slice::from_ref(&two)),
+    );
+    let (status, _) = post_reload(&exporter.url("/-/reload")).await;
+    assert_eq!(status, 200);
+    let m = exporter.scrape().await;
+    let leftovers: Vec<_> = m
+        .samples
+        .iter()
+        .filter(|s| s.labels.get("provider").map(String::as_str) == Some("one"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "series of a removed provider: {leftovers:?}"
+    );
+    assert_eq!(completions(&m, "two"), 1.0);
+    let tasks: Value = serde_json::from_str(
+        &reqwest::get(exporter.url("/api/v1/tasks?provider=one"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tasks["tasks"], json!([]));
+    // The removed provider's poller stopped: no more requests for its task.
+    let settled = fake.hits("/api/v1/task/t-one").len();
+    let pending_before = fake.hits("/api/v1/task/t-two-pending").len();
+    wait_until("two more polls of the remaining provider", WAIT, || {
+        fake.hits("/api/v1/task/t-two-pending").len() >= pending_before + 2
+    })
+    .await;
+    assert_eq!(fake.hits("/api/v1/task/t-one").len(), settled);
+    exporter.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_file_is_refused_and_the_running_configuration_stays() {
+    let fake = FakeUpstream::start().await;
+    fake.script(
+        "/api/v1/task/t-slow",
+        vec![Reply::json(200, maxapi_task("t-slow", "PROCESSING"))],
+    );
+    let files = Files::new();
+    files.write("one.key", "key-one");
+    let one = provider("one", &fake.url(), &files.path("one.key"), &["t-slow"]);
+    let good = config_yaml(&files, std::slice::from_ref(&one));
+    files.write("config.yaml", &good);
+    let exporter = Exporter::start_from_file(&files.config()).await;
+    let (_, started_at) = reload_gauges(&exporter.scrape().await);
+
+    // A typo: unknown key. The answer names the file and the key.
+    files.write(
+        "config.yaml",
+        &good.replace("polling: {interval:", "polling: {intervall:"),
+    );
+    let (status, body) = post_reload(&exporter.url("/-/reload")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("config.yaml"), "{body}");
+    assert!(body.contains("intervall"), "{body}");
+    let m = exporter.scrape().await;
+    assert_eq!(reload_gauges(&m), (0.0, started_at));
+
+    // A value problem: also refused, with its key path.
+    files.write(
+        "config.yaml",
+        &good.replace("requests_per_second: 200", "requests_per_second: 0"),
+    );
+    let (status, body) = post_reload(&exporter.url("/-/reload")).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("polling.requests_per_second"), "{body}");
+
+    // The old configuration still polls.
+    let before = fake.hits("/api/v1/task/t-slow").len();
+    wait_until("polls after the bad reload", WAIT, || {
+        fake.hits("/api/v1/task/t-slow").len() >= before + 2
+    })
+    .await;
+    assert_eq!(
+        reload_gauges(&exporter.scrape().await),
+        (0.0, started_at),
+        "the success timestamp moves only on success"
+    );
+
+    // A good file again.
+    tokio::time::sleep(Duration::from_millis(20)).await; // a later timestamp than the start
+    files.write("config.yaml", &good);
+    let (status, _) = post_reload(&exporter.url("/-/reload")).await;
+    assert_eq!(status, 200);
+    let (ok, at) = reload_gauges(&exporter.scrape().await);
+    assert_eq!(ok, 1.0);
+    assert!(at > started_at, "{at} > {started_at}");
+
+    // Reload needs the bearer token.
+    let response = reqwest::Client::new()
+        .post(exporter.url("/-/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    exporter.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_re_reads_token_files() {
+    let fake = FakeUpstream::start().await;
+    fake.script(
+        "/api/v1/task/t-long",
+        vec![Reply::json(200, maxapi_task("t-long", "PROCESSING"))],
+    );
+    let files = Files::new();
+    files.write("one.key", "key-before-rotation");
+    let one = provider("one", &fake.url(), &files.path("one.key"), &["t-long"]);
+    files.write("config.yaml", &config_yaml(&files, &[one]));
+    let exporter = Exporter::start_from_file(&files.config()).await;
+    let seen = |key: &str| {
+        let wanted = format!("Bearer {key}");
+        fake.authorizations()
+            .iter()
+            .any(|a| a.as_deref() == Some(wanted.as_str()))
+    };
+    wait_until("the first key upstream", WAIT, || {
+        seen("key-before-rotation")
+    })
+    .await;
+
+    files.write("one.key", "key-after-rotation\n");
+    let (status, _) = post_reload(&exporter.url("/-/reload")).await;
+    assert_eq!(status, 200);
+    let cutoff = fake.authorizations().len();
+    wait_until("the new key upstream", WAIT, || seen("key-after-rotation")).await;
+    // Once the new key is in use the old one is not sent again.
+    let newest = fake.authorizations().len();
+    wait_until("more polls", WAIT, || {
+        fake.authorizations().len() >= newest + 2
+    })
+    .await;
+    let late: Vec<_> = fake.authorizations()[cutoff..].to_vec();
+    let first_new = late
+        .iter()
+        .position(|a| a.as_deref() == Some("Bearer key-after-rotation"))
+        .unwrap();
+    assert!(
+        late[first_new..]
+            .iter()
+            .all(|a| a.as_deref() == Some("Bearer key-after-rotation")),
+        "{late:?}"
+    );
+
+    // The API token file is re-read too: the old token stops working.
+    files.write("api-token", "rotated-api-token");
+    let (status, _) = post_reload(&exporter.url("/-/reload")).await;
+    assert_eq!(
+        status, 200,
+        "the old token still authorizes the reload itself"
+    );
+    let (status, _) = post_reload(&exporter.url("/-/reload")).await;
+    assert_eq!(status, 401, "the old token is refused after the reload");
+    let response = reqwest::Client::new()
+        .post(exporter.url("/-/reload"))
+        .bearer_auth("rotated-api-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    exporter.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_real_binary() {
+    let fake = FakeUpstream::start().await;
+    fake.script(
+        "/api/v1/task/t-one",
+        vec![Reply::json(200, maxapi_task("t-one", "SUCCESS"))],
+    );
+    fake.script(
+        "/api/v1/task/t-two",
+        vec![Reply::json(200, maxapi_task("t-two", "SUCCESS"))],
+    );
+    let files = Files::new();
+    files.write("one.key", "key-one");
+    files.write("two.key", "key-two");
+    let one = provider("one", &fake.url(), &files.path("one.key"), &["t-one"]);
+    let two = provider("two", &fake.url(), &files.path("two.key"), &["t-two"]);
+    files.write(
+        "config.yaml",
+        &config_yaml(&files, std::slice::from_ref(&one)),
+    );
+    let config = files.config();
+    let binary = Binary::start(&[
+        "--config.file",
+        config.to_str().unwrap(),
+        "--web.listen-address",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let m = binary
+        .wait_for(WAIT, |m| {
+            m.sum("genai_task_completions_total", &[("provider", "one")]) == 1.0
+        })
+        .await;
+    let (_, started_at) = reload_gauges(&m);
+
+    // A bad file on SIGHUP: gauge 0, the process keeps running.
+    files.write("config.yaml", "providers: [{name: x, type: nosuchtype}]\n");
+    binary.signal("HUP");
+    binary.wait_for(WAIT, |m| reload_gauges(m).0 == 0.0).await;
+    assert!(
+        binary.logs().contains("configuration reload failed"),
+        "{}",
+        binary.logs()
+    );
+
+    // A good one: provider "two" starts.
+    tokio::time::sleep(Duration::from_millis(20)).await; // a later timestamp than the start
+    files.write("config.yaml", &config_yaml(&files, &[one, two]));
+    binary.signal("HUP");
+    let m = binary
+        .wait_for(WAIT, |m| {
+            m.sum("genai_task_completions_total", &[("provider", "two")]) == 1.0
+        })
+        .await;
+    let (ok, at) = reload_gauges(&m);
+    assert_eq!(ok, 1.0);
+    assert!(at > started_at);
+    assert_eq!(
+        m.sum("genai_task_completions_total", &[("provider", "one")]),
+        1.0
+    );
+    let status = binary.stop();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+}
