@@ -14,6 +14,9 @@ use crate::task::now_millis;
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 /// At most how long expired tombstones wait to be deleted from the store (a full scan).
 const TOMBSTONE_EXPIRY_INTERVAL: Duration = Duration::from_secs(3600);
+/// A commit of at least this many rows was a burst (a task file of many ids, a registration
+/// storm): see [`release_freed_memory`].
+const BURST_ROWS: usize = 10_000;
 
 pub struct Persister {
     store: Arc<Store>,
@@ -100,6 +103,11 @@ impl Persister {
         let store = self.store.clone();
         let committed = tokio::task::spawn_blocking(move || {
             let result = store.commit(&batch);
+            if result.is_ok() && batch.len() >= BURST_ROWS {
+                drop(batch);
+                release_freed_memory();
+                return (Batch::default(), result);
+            }
             (batch, result)
         })
         .await;
@@ -124,7 +132,8 @@ impl Persister {
         }
     }
 
-    /// Takes every provider's pending work into one batch.
+    /// Takes every provider's pending work into one batch. (A provider's lists are moved,
+    /// not copied, when they are the first: a burst's batch is large.)
     fn collect(&mut self, everything: bool) -> (Batch, Staged) {
         let now = now_millis();
         let mut batch = Batch::default();
@@ -143,12 +152,13 @@ impl Persister {
             } else {
                 provider.take_pending()
             };
-            batch.put_tasks.extend(pending.batch.put_tasks);
-            batch.delete_tasks.extend(pending.batch.delete_tasks);
-            batch.put_tombstones.extend(pending.batch.put_tombstones);
-            batch
-                .delete_tombstones
-                .extend(pending.batch.delete_tombstones);
+            append(&mut batch.put_tasks, pending.batch.put_tasks);
+            append(&mut batch.delete_tasks, pending.batch.delete_tasks);
+            append(&mut batch.put_tombstones, pending.batch.put_tombstones);
+            append(
+                &mut batch.delete_tombstones,
+                pending.batch.delete_tombstones,
+            );
             self.metrics
                 .accounting
                 .stage(&mut staged, provider.name(), &pending.events);
@@ -157,5 +167,33 @@ impl Persister {
         self.metrics.accounting.stage_counts(&mut staged, counts);
         batch.put_counters = self.metrics.accounting.encode(&staged);
         (batch, staged)
+    }
+}
+
+fn append<T>(to: &mut Vec<T>, from: Vec<T>) {
+    if to.is_empty() {
+        *to = from;
+    } else {
+        to.extend(from);
+    }
+}
+
+/// Hands freed heap memory back to the operating system after a burst. glibc keeps what a
+/// process frees mapped for reuse (only the very top of the heap is returned on its own), so
+/// after the buffers of one large commit (a million new tasks: some 300 MB of records,
+/// keys and events) resident memory would stay at that high-water mark for good.
+/// `malloc_trim` returns the free pages; it takes milliseconds and runs only after bursts,
+/// on the blocking pool. Other allocators and C libraries return memory on their own terms.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: malloc_trim takes no pointers and only releases free memory; glibc makes
+        // it safe to call from any thread at any time.
+        unsafe {
+            malloc_trim(0);
+        }
     }
 }
