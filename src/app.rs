@@ -175,6 +175,11 @@ impl App {
             .collect();
         let store_for_restore = app.store.clone();
         let restored = tokio::task::spawn_blocking(move || {
+            // With one provider, every stored task is its own: size the registry once.
+            if let [tasks] = providers.as_slice() {
+                let rows = store_for_restore.task_count()?;
+                tasks.restorer().reserve(rows as usize);
+            }
             let mut restored = 0;
             for tasks in &providers {
                 restored += restore_provider(&store_for_restore, tasks)?;

@@ -926,16 +926,28 @@ pub struct Restorer<'a> {
 }
 
 impl Restorer<'_> {
+    /// Makes room for `additional` more tasks (start-up knows how many rows there are).
+    pub fn reserve(&mut self, additional: usize) {
+        let inner = &mut *self.inner;
+        inner.slots.reserve(additional);
+        let (slots, hasher) = (&inner.slots, &inner.hasher);
+        inner.index.reserve(additional, |&s| {
+            hasher.hash_one(&slots[s as usize].as_ref().expect("indexed slot is live").id)
+        });
+    }
+
     /// Like [`ProviderTasks::restore_task`].
     pub fn task(&mut self, id: &str, record: &[u8], now: i64) -> Result<(), DecodeError> {
         let inner = &mut *self.inner;
         let d = decode_task(record)?;
-        if inner.slot_of(id).is_some() {
-            return Ok(()); // restored already (a provider re-added by reload)
+        let task_id = TaskId::new(id);
+        let hash = inner.hasher.hash_one(&task_id);
+        if inner.find_hashed(hash, &task_id).is_some() {
+            return Ok(()); // restored already
         }
         let model = inner.models.intern(d.model);
         // Restored tasks match their record: not dirty.
-        let slot = inner.insert(TaskId::new(id), d.source, d.first_seen, false);
+        let slot = inner.insert(task_id, hash, d.source, d.first_seen, false);
         {
             let Inner { slots, words, .. } = &mut *inner;
             let t = slots[slot as usize].as_mut().expect("just inserted");
@@ -1007,7 +1019,10 @@ impl Inner {
     }
 
     fn find(&self, id: &TaskId) -> Option<u32> {
-        let hash = self.hasher.hash_one(id);
+        self.find_hashed(self.hasher.hash_one(id), id)
+    }
+
+    fn find_hashed(&self, hash: u64, id: &TaskId) -> Option<u32> {
         let slots = &self.slots;
         self.index
             .find(hash, |&s| {
@@ -1068,7 +1083,8 @@ impl Inner {
             return TrackOutcome::Invalid;
         }
         let task_id = TaskId::new(id);
-        if self.find(&task_id).is_some() {
+        let hash = self.hasher.hash_one(&task_id);
+        if self.find_hashed(hash, &task_id).is_some() {
             return TrackOutcome::Known;
         }
         if let Some(last) = self.tombstones.get_mut(&id_hash(id)) {
@@ -1083,17 +1099,23 @@ impl Inner {
         if !self.shard.owns(&self.provider, id) {
             return TrackOutcome::NotOwned;
         }
-        let slot = self.insert(task_id, source, now, true);
+        let slot = self.insert(task_id, hash, source, now, true);
         self.set_state(slot, 0, Status::Unknown, None);
         self.schedule_at(slot, now);
         self.events.push(Event::Discovered { source });
         TrackOutcome::New
     }
 
-    /// Adds a task (unknown model and status) and indexes it.
-    fn insert(&mut self, id: TaskId, source: Source, first_seen: i64, dirty: bool) -> u32 {
+    /// Adds a task (unknown model and status) and indexes it; `hash` is the id's.
+    fn insert(
+        &mut self,
+        id: TaskId,
+        hash: u64,
+        source: Source,
+        first_seen: i64,
+        dirty: bool,
+    ) -> u32 {
         self.next_generation = self.next_generation.wrapping_add(1);
-        let hash = self.hasher.hash_one(&id);
         let task = Task::new(id, source, first_seen, self.next_generation);
         let slot = match self.free.pop() {
             Some(slot) => {

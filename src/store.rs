@@ -231,6 +231,13 @@ impl Store {
         Ok(())
     }
 
+    /// Number of stored tasks, of every provider.
+    pub fn task_count(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tasks = txn.open_table(TASKS).map_err(|e| self.err(e))?;
+        tasks.len().map_err(|e| self.err(e))
+    }
+
     /// Calls `f(key)` for the key of every task and tombstone, of every provider.
     pub fn for_each_key(&self, mut f: impl FnMut(&str)) -> Result<(), StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;

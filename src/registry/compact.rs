@@ -106,14 +106,35 @@ impl fmt::Debug for TaskId {
     }
 }
 
-fn hex_value(b: u8) -> Option<(u8, Option<bool>)> {
-    match b {
-        b'0'..=b'9' => Some((b - b'0', None)),
-        b'a'..=b'f' => Some((b - b'a' + 10, Some(false))),
-        b'A'..=b'F' => Some((b - b'A' + 10, Some(true))),
-        _ => None,
+/// Value of each byte as a hex digit, [`NOT_DIGIT`] for other bytes.
+const HEX: [u8; 256] = {
+    let mut t = [NOT_DIGIT; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
     }
-}
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+/// Value of each byte as a Crockford base32 digit (uppercase only), or [`NOT_DIGIT`].
+const BASE32: [u8; 256] = {
+    let mut t = [NOT_DIGIT; 256];
+    let mut i = 0;
+    while i < 32 {
+        t[CROCKFORD[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+const NOT_DIGIT: u8 = 0xff;
+/// Where the two hex digits of each UUID byte start.
+const UUID_DIGITS: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
 
 /// The 16 bytes of a canonical UUID and whether its letters are uppercase; `None` for
 /// anything else, mixed case included (that keeps the text form exact).
@@ -123,28 +144,22 @@ fn parse_uuid(s: &str) -> Option<([u8; 16], bool)> {
         return None;
     }
     let mut out = [0u8; 16];
-    let mut case: Option<bool> = None;
-    let mut n = 0;
-    let mut i = 0;
-    while i < UUID_LEN {
-        if DASHES.contains(&i) {
-            i += 1;
-            continue;
+    let (mut lower, mut upper) = (false, false);
+    for (byte, &i) in out.iter_mut().zip(&UUID_DIGITS) {
+        let (a, b) = (s[i], s[i + 1]);
+        let (hi, lo) = (HEX[usize::from(a)], HEX[usize::from(b)]);
+        if hi == NOT_DIGIT || lo == NOT_DIGIT {
+            return None;
         }
-        let (hi, c1) = hex_value(s[i])?;
-        let (lo, c2) = hex_value(s[i + 1])?;
-        for c in [c1, c2].into_iter().flatten() {
-            match case {
-                None => case = Some(c),
-                Some(k) if k != c => return None,
-                Some(_) => {}
-            }
-        }
-        out[n] = hi << 4 | lo;
-        n += 1;
-        i += 2;
+        // Valid digits: '0'-'9' < 'A'-'F' < 'a'-'f'.
+        lower |= a >= b'a' || b >= b'a';
+        upper |= (b'A'..=b'F').contains(&a) || (b'A'..=b'F').contains(&b);
+        *byte = hi << 4 | lo;
     }
-    Some((out, case == Some(true)))
+    if lower && upper {
+        return None;
+    }
+    Some((out, upper))
 }
 
 /// A prefix of at most six ASCII bytes and a canonical ULID after it; `None` otherwise.
@@ -155,7 +170,11 @@ fn parse_prefixed_ulid(s: &str) -> Option<(&str, u128)> {
     let (prefix, ulid) = s.split_at(s.len() - ULID_LEN);
     let mut value: u128 = 0;
     for (i, &c) in ulid.as_bytes().iter().enumerate() {
-        let digit = CROCKFORD.iter().position(|&d| d == c)? as u128;
+        let digit = BASE32[usize::from(c)];
+        if digit == NOT_DIGIT {
+            return None;
+        }
+        let digit = u128::from(digit);
         // The first digit carries 3 bits only (26 x 5 = 130 > 128).
         if i == 0 && digit > 7 {
             return None;
