@@ -98,6 +98,9 @@ enum Phase {
         dir: PathBuf,
         #[arg(long)]
         upstream: SocketAddr,
+        /// Exit at once when ready, like `kill -9` (the store is not closed cleanly).
+        #[arg(long)]
+        crash: bool,
     },
     /// For comparison: CPU of a bare reqwest loop (no exporter) at RATE requests/s.
     CpuBare {
@@ -163,7 +166,11 @@ fn main() {
             }
         }
         Phase::RestartWrite { dir, tasks } => runtime().block_on(restart_write(&dir, tasks)),
-        Phase::Restart { dir, upstream } => runtime().block_on(restart(&dir, upstream)),
+        Phase::Restart {
+            dir,
+            upstream,
+            crash,
+        } => runtime().block_on(restart(&dir, upstream, crash)),
         Phase::Cpu {
             upstream,
             rate,
@@ -692,7 +699,7 @@ async fn restart_write(dir: &Path, n: usize) {
     ]);
 }
 
-async fn restart(dir: &Path, upstream: SocketAddr) {
+async fn restart(dir: &Path, upstream: SocketAddr, crash: bool) {
     let started = Instant::now();
     let app = App::start(
         settings(dir, upstream, polling(5.0, 8, Duration::from_secs(15))),
@@ -712,7 +719,11 @@ async fn restart(dir: &Path, upstream: SocketAddr) {
         ("ready_s", format!("{:.3}", ready.as_secs_f64())),
         ("rss_mb", format!("{:.0}", rss_bytes() as f64 / 1e6)),
     ]);
-    std::process::exit(0); // no shutdown flush: only the start is measured
+    if crash {
+        std::process::exit(0);
+    }
+    // A clean stop, so that the next run starts from a cleanly closed store as well.
+    app.shutdown().await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -862,54 +873,71 @@ fn all(args: AllArgs) {
     let runs = args.runs.max(1);
     let mut rows: Vec<[String; 4]> = Vec::new();
     let say = |what: &str| eprintln!("loadbench: {what}");
-
-    // 1. Poll throughput, exporter and wrk alternating against the same responder.
-    say("poll throughput (exporter vs wrk)");
     let responder = ResponderProcess::start();
-    let (mut exporter, mut plain, mut ratios) = (vec![], vec![], vec![]);
+    let upstream = responder.addr.to_string();
+
+    // 1. Poll throughput: the exporter, a bare reqwest client and wrk, in turn, against the
+    //    same responder with the same number of connections.
+    say("poll throughput (exporter, bare reqwest client, wrk)");
+    let (mut exporter, mut bare, mut plain, mut ratios) = (vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
-        let e = num(
-            &child(&[
-                s(&"poll"),
-                s(&"--upstream"),
-                s(&responder.addr),
-                s(&"--connections"),
-                s(&args.connections),
-                s(&"--seconds"),
-                s(&args.seconds),
-            ]),
-            "polls_per_s",
+        let conn = [
+            s(&"--upstream"),
+            upstream.clone(),
+            s(&"--connections"),
+            s(&args.connections),
+            s(&"--seconds"),
+            s(&args.seconds),
+        ];
+        let e = num(&child(&[&[s(&"poll")], &conn[..]].concat()), "polls_per_s");
+        let b = num(
+            &child(&[&[s(&"poll-bare")], &conn[..]].concat()),
+            "requests_per_s",
         );
         let w = wrk(responder.addr, args.connections, args.seconds);
         exporter.push(e);
+        bare.push(b);
         plain.push(w);
         ratios.push(e / w);
     }
+    let ratio = median(ratios.clone());
     rows.push([
-        "1. poll throughput, exporter".into(),
+        format!(
+            "1. poll throughput, exporter ({} in flight)",
+            args.connections
+        ),
         format!("{:.0} polls/s", median(exporter.clone())),
         String::new(),
         format!("runs: {}", show(&exporter, 0)),
     ]);
     rows.push([
-        format!("   wrk, same responder, -c{}", args.connections),
+        "   bare reqwest client, same requests".into(),
+        format!("{:.0} req/s", median(bare.clone())),
+        String::new(),
+        format!("runs: {}", show(&bare, 0)),
+    ]);
+    rows.push([
+        format!("   wrk -t2 -c{}", args.connections),
         format!("{:.0} req/s", median(plain.clone())),
         String::new(),
         format!("runs: {}", show(&plain, 0)),
     ]);
-    let ratio = median(ratios.clone());
     rows.push([
-        "   ratio exporter/wrk".into(),
+        "   ratio exporter / wrk".into(),
         format!("{ratio:.2}"),
         verdict(ratio >= 0.5, ">= 0.5"),
-        format!("runs: {}", show(&ratios, 2)),
+        format!(
+            "runs: {}; exporter / bare reqwest: {:.2}",
+            show(&ratios, 2),
+            median(exporter.clone()) / median(bare.clone())
+        ),
     ]);
 
     // 2. Scrape latency.
     let sizes = [1_000, 100_000, args.max_tasks];
     let mut p99s = Vec::new();
     for n in sizes {
-        say(&format!("scrape latency, {n} tasks"));
+        say(&format!("/metrics latency, {n} tasks"));
         let (mut p50, mut p99) = (vec![], vec![]);
         for _ in 0..runs {
             let r = child(&[s(&"scrape"), s(&"--tasks"), s(&n)]);
@@ -919,7 +947,10 @@ fn all(args: AllArgs) {
         let (m50, m99) = (median(p50.clone()), median(p99.clone()));
         p99s.push(m99);
         let target = if n == args.max_tasks {
-            verdict(m99 < 5.0 && m99 <= 2.0 * p99s[0], "< 5 ms, <= 2x p99 at 1k")
+            verdict(
+                m99 < 5.0 && m99 <= 2.0 * p99s[0],
+                "p99 < 5 ms and <= 2x p99 at 1k",
+            )
         } else {
             String::new()
         };
@@ -927,7 +958,7 @@ fn all(args: AllArgs) {
             format!("2. /metrics p50 / p99, {n} tasks"),
             format!("{m50:.2} / {m99:.2} ms"),
             target,
-            format!("p99 runs: {}", show(&p99, 2)),
+            format!("1,000 scrapes; p99 runs: {}", show(&p99, 2)),
         ]);
     }
 
@@ -966,25 +997,36 @@ fn all(args: AllArgs) {
     // 4. Restart.
     say("restart");
     let dir = state_dir("loadbench-restart");
+    let dir_arg = dir.path().display().to_string();
     let written = child(&[
         s(&"restart-write"),
         s(&"--dir"),
-        s(&dir.path().display()),
+        dir_arg.clone(),
         s(&"--tasks"),
         s(&args.max_tasks),
     ]);
-    let (mut ready, mut loaded) = (vec![], vec![]);
-    for _ in 0..runs {
-        let r = child(&[
+    let restart = |crash: bool| {
+        let mut a = vec![
             s(&"restart"),
             s(&"--dir"),
-            s(&dir.path().display()),
+            dir_arg.clone(),
             s(&"--upstream"),
-            s(&responder.addr),
-        ]);
+            upstream.clone(),
+        ];
+        if crash {
+            a.push(s(&"--crash"));
+        }
+        child(&a)
+    };
+    let (mut ready, mut loaded) = (vec![], vec![]);
+    for _ in 0..runs {
+        let r = restart(false);
         ready.push(num(&r, "ready_s"));
         loaded.push(num(&r, "loaded_s"));
     }
+    // Then once more after a run that ended like kill -9: redb checks the file first.
+    restart(true);
+    let after_crash = num(&restart(false), "ready_s");
     let m = median(ready.clone());
     rows.push([
         format!(
@@ -994,32 +1036,42 @@ fn all(args: AllArgs) {
         format!("{m:.2} s"),
         verdict(m < 3.0, "< 3 s"),
         format!(
-            "runs: {}; state loaded after {} s",
+            "runs: {}; state loaded at {} s; after kill -9: {after_crash:.2} s",
             show(&ready, 2),
             show(&loaded, 2)
         ),
     ]);
 
-    // 5. CPU at 1,000 polls/s.
+    // 5. CPU at 1,000 polls/s, and a bare reqwest loop at the same rate.
     say("CPU at 1,000 polls/s");
-    let (mut cpu, mut rates) = (vec![], vec![]);
+    let (mut cpu, mut rates, mut floor) = (vec![], vec![], vec![]);
     for _ in 0..runs {
-        let r = child(&[
-            s(&"cpu"),
+        let rate = [
             s(&"--upstream"),
-            s(&responder.addr),
+            upstream.clone(),
             s(&"--seconds"),
             s(&args.seconds),
-        ]);
+        ];
+        let r = child(&[&[s(&"cpu")], &rate[..]].concat());
         cpu.push(num(&r, "cpu_pct_per_1000"));
         rates.push(num(&r, "polls_per_s"));
+        floor.push(num(
+            &child(&[&[s(&"cpu-bare")], &rate[..]].concat()),
+            "cpu_pct_per_1000",
+        ));
     }
     let m = median(cpu.clone());
     rows.push([
-        "5. CPU per 1,000 polls/s".into(),
+        "5. CPU per 1,000 polls/s, exporter".into(),
         format!("{m:.1} % of a core"),
         verdict(m < 10.0, "< 10 %"),
         format!("runs: {}; at {} polls/s", show(&cpu, 1), show(&rates, 0)),
+    ]);
+    rows.push([
+        "   bare reqwest loop, 1,000 req/s".into(),
+        format!("{:.1} % of a core", median(floor.clone())),
+        String::new(),
+        format!("runs: {}", show(&floor, 1)),
     ]);
     drop(responder);
 
