@@ -466,15 +466,20 @@ pub fn no_snippet() -> serde_saphyr::Options {
 
 /// Parses YAML text into the file structure. The error text names line and column.
 pub fn parse(text: &str) -> Result<FileConfig, String> {
+    parse_yaml(text)
+}
+
+/// Parses a YAML document into `T` (an empty one gives `T::default()`). The error names the
+/// key path ("providers[1].polling.interval", from serde_path_to_error) and the line and
+/// column (from saphyr), without quoting the file (see [`no_snippet`]).
+pub fn parse_yaml<T: serde::de::DeserializeOwned + Default>(text: &str) -> Result<T, String> {
     if text.trim().is_empty() {
         // An empty file is an empty mapping: every default applies.
-        return Ok(FileConfig::default());
+        return Ok(T::default());
     }
-    // serde_path_to_error tells the key path ("providers[1].polling.interval"); saphyr
-    // tells line and column (without quoting the file, see `no_snippet`).
     let mut key_path = String::new();
     let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, no_snippet(), |de| {
-        serde_path_to_error::deserialize::<_, FileConfig>(de).map_err(|e| {
+        serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
             key_path = e.path().to_string();
             e.into_inner()
         })

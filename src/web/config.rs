@@ -14,7 +14,7 @@ use axum::http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use super::tls::{self, ClientAuth, PemSource, TlsSettings};
-use crate::config::{ConfigError, HumanDuration, Problem, no_snippet};
+use crate::config::{ConfigError, HumanDuration, Problem};
 use crate::secret::Secret;
 
 /// The file, key for key.
@@ -155,27 +155,7 @@ pub fn load(path: &Path) -> Result<WebConfig, ConfigError> {
 
 /// Parses the YAML text; the error names the key path and the line.
 fn parse(text: &str) -> Result<WebFile, String> {
-    if text.trim().is_empty() {
-        return Ok(WebFile::default());
-    }
-    let mut key_path = String::new();
-    let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, no_snippet(), |de| {
-        serde_path_to_error::deserialize::<_, WebFile>(de).map_err(|e| {
-            key_path = e.path().to_string();
-            e.into_inner()
-        })
-    });
-    parsed.map_err(|e| {
-        let mut message = e.to_string();
-        if let Some(loc) = e.location().filter(|_| !message.contains("line")) {
-            message = format!("line {} column {}: {message}", loc.line(), loc.column());
-        }
-        if key_path.is_empty() || key_path == "." {
-            message
-        } else {
-            format!("{key_path}: {message}")
-        }
-    })
+    crate::config::parse_yaml(text)
 }
 
 /// Checks the YAML text alone (no files are read); for the fuzz driver and tests.
