@@ -13,6 +13,18 @@ pub type UnixMillis = i64;
 /// Longest upstream status or error message we keep (API and landing page only, never a label).
 pub const MAX_TEXT_LEN: usize = 256;
 
+/// Longest task id we accept from any source; providers use UUIDs and 30-character ids.
+pub const MAX_TASK_ID_LEN: usize = 128;
+
+/// Whether `id` may be tracked: non-empty, bounded, printable ASCII without spaces, and
+/// not made of dots only (`..` would walk up the request path even when percent-encoded).
+pub fn is_valid_task_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_TASK_ID_LEN
+        && id.bytes().all(|b| b.is_ascii_graphic())
+        && !id.bytes().all(|b| b == b'.')
+}
+
 /// Normalized task status: the value of the `status` label (providers.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Status {

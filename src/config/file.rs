@@ -1,0 +1,216 @@
+//! The configuration file, key for key (serde). Unknown keys are refused: they are typos.
+//! Nothing here checks values; [`super::resolve`] does, with defaults applied.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::yaml::HumanDuration;
+
+pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0:9850";
+pub const DEFAULT_MAXAPI_BASE_URL: &str = "https://api.maxapi.io";
+pub const DEFAULT_APIMALL_BASE_URL: &str = "https://gateway.apimall.ai";
+
+/// Default histogram buckets for completion latency: seconds (images) to 4 h (video).
+pub const DEFAULT_LATENCY_BUCKETS: [f64; 18] = [
+    1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0, 1200.0, 1800.0,
+    3600.0, 7200.0, 14400.0,
+];
+
+/// The configuration file, key for key.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    pub server: ServerFile,
+    pub polling: PollingFile,
+    pub state: StateFile,
+    pub metrics: MetricsFile,
+    pub sharding: ShardingFile,
+    pub providers: Vec<ProviderFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerFile {
+    /// Listener for every endpoint. `--web.listen-address` overrides it.
+    pub listen_address: String,
+    /// Environment variable holding the bearer token for `POST /api/v1/tasks`,
+    /// `DELETE /api/v1/tasks/...` and `POST /-/reload`. Unset: those endpoints answer 403.
+    pub api_token_env: Option<String>,
+    /// Same, read from a file (re-read on reload).
+    pub api_token_file: Option<PathBuf>,
+}
+
+impl Default for ServerFile {
+    fn default() -> Self {
+        ServerFile {
+            listen_address: DEFAULT_LISTEN_ADDRESS.to_string(),
+            api_token_env: None,
+            api_token_file: None,
+        }
+    }
+}
+
+/// Polling defaults (top level) or overrides (under a provider: every key optional).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PollingFile {
+    pub interval: Option<HumanDuration>,
+    pub max_interval: Option<HumanDuration>,
+    pub timeout: Option<HumanDuration>,
+    pub requests_per_second: Option<f64>,
+    pub max_concurrency: Option<u32>,
+    pub max_task_age: Option<HumanDuration>,
+    pub retention: Option<HumanDuration>,
+    pub forget_after: Option<HumanDuration>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateFile {
+    pub path: PathBuf,
+}
+
+impl Default for StateFile {
+    fn default() -> Self {
+        StateFile {
+            path: PathBuf::from("data/state"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsFile {
+    pub max_models_per_provider: usize,
+    pub latency_buckets: Vec<f64>,
+}
+
+impl Default for MetricsFile {
+    fn default() -> Self {
+        MetricsFile {
+            max_models_per_provider: 50,
+            latency_buckets: DEFAULT_LATENCY_BUCKETS.to_vec(),
+        }
+    }
+}
+
+/// Which share of the tasks this replica owns (`--shard.index` / `--shard.count` override).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardingFile {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Default for ShardingFile {
+    fn default() -> Self {
+        ShardingFile { index: 0, count: 1 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderType {
+    Maxapi,
+    Apimall,
+}
+
+impl ProviderType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderType::Maxapi => "maxapi",
+            ProviderType::Apimall => "apimall",
+        }
+    }
+
+    pub(super) fn default_base_url(self) -> &'static str {
+        match self {
+            ProviderType::Maxapi => DEFAULT_MAXAPI_BASE_URL,
+            ProviderType::Apimall => DEFAULT_APIMALL_BASE_URL,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderFile {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: ProviderType,
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default)]
+    pub token_env: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub polling: PollingFile,
+    #[serde(default)]
+    pub tasks: Vec<String>,
+    #[serde(default)]
+    pub task_files: Vec<String>,
+    #[serde(default)]
+    pub webhook: Option<WebhookFile>,
+    #[serde(default)]
+    pub history: Option<HistoryFile>,
+    #[serde(default)]
+    pub balance: Option<BalanceFile>,
+    #[serde(default)]
+    pub failure_reasons: Vec<FailureRuleFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookFile {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub token_env: Option<String>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryFile {
+    pub enabled: bool,
+    pub interval: HumanDuration,
+    pub max_pages: u32,
+    pub kinds: Vec<String>,
+}
+
+impl Default for HistoryFile {
+    fn default() -> Self {
+        HistoryFile {
+            enabled: false,
+            interval: HumanDuration(Duration::from_secs(60)),
+            max_pages: 10,
+            kinds: vec!["images".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalanceFile {
+    pub enabled: bool,
+    pub interval: HumanDuration,
+}
+
+impl Default for BalanceFile {
+    fn default() -> Self {
+        BalanceFile {
+            enabled: false,
+            interval: HumanDuration(Duration::from_secs(300)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailureRuleFile {
+    pub reason: String,
+    pub pattern: String,
+}

@@ -1,0 +1,374 @@
+//! Resolution: the file becomes [`Settings`]. Defaults apply, command-line overrides win,
+//! every value is checked and each problem is collected with its key path, so one run of
+//! `check-config` shows them all.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use super::Environment;
+use super::Overrides;
+use super::file::{FileConfig, ProviderFile, ProviderType};
+use super::secrets::load_secret;
+use super::settings::{HistorySettings, Polling, ProviderSettings, Settings, Shard};
+use super::yaml::Problem;
+use crate::providers::{FailureRules, HistoryKind};
+use crate::task::{MAX_TASK_ID_LEN, is_valid_task_id};
+
+/// Applies defaults and overrides, validates every key, and loads the secrets.
+pub fn resolve(
+    file: FileConfig,
+    source: &Path,
+    overrides: &Overrides,
+    env: &dyn Environment,
+) -> Result<Settings, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut problem = |path: &str, message: String| {
+        problems.push(Problem {
+            path: path.to_string(),
+            message,
+        })
+    };
+
+    let listen_text = overrides
+        .listen_address
+        .clone()
+        .unwrap_or_else(|| file.server.listen_address.clone());
+    let listen_address = match listen_text.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => {
+            problem(
+                "server.listen_address",
+                format!("{listen_text:?} is not a host:port address (e.g. 0.0.0.0:9850)"),
+            );
+            SocketAddr::from(([0, 0, 0, 0], 9850))
+        }
+    };
+
+    let api_token = match load_secret(
+        "server",
+        "api_token",
+        file.server.api_token_env.as_deref(),
+        file.server.api_token_file.as_deref(),
+        false,
+        env,
+    ) {
+        Ok(token) => token,
+        Err(p) => {
+            problems.extend(p);
+            None
+        }
+    };
+    let mut problem = |path: &str, message: String| {
+        problems.push(Problem {
+            path: path.to_string(),
+            message,
+        })
+    };
+
+    let defaults = Polling::default().merged(&file.polling);
+    check_polling("polling", &defaults, &mut problem);
+
+    if file.metrics.max_models_per_provider == 0 {
+        problem(
+            "metrics.max_models_per_provider",
+            "must be at least 1".into(),
+        );
+    }
+    let buckets = &file.metrics.latency_buckets;
+    if buckets.is_empty() {
+        problem("metrics.latency_buckets", "must not be empty".into());
+    } else if !buckets.iter().all(|b| b.is_finite() && *b > 0.0)
+        || buckets.windows(2).any(|w| w[0] >= w[1])
+    {
+        problem(
+            "metrics.latency_buckets",
+            "must be positive numbers in strictly increasing order".into(),
+        );
+    }
+
+    let shard = Shard {
+        index: overrides.shard_index.unwrap_or(file.sharding.index),
+        count: overrides.shard_count.unwrap_or(file.sharding.count),
+    };
+    if shard.count == 0 {
+        problem("sharding.count", "must be at least 1".into());
+    } else if shard.index >= shard.count {
+        problem(
+            "sharding.index",
+            format!(
+                "{} is out of range for {} shard(s) (0..{})",
+                shard.index, shard.count, shard.count
+            ),
+        );
+    }
+
+    if file.providers.is_empty() {
+        problem("providers", "at least one provider is required".into());
+    }
+
+    let mut providers = Vec::new();
+    let mut names = HashSet::new();
+    for (i, p) in file.providers.iter().enumerate() {
+        let at = format!("providers[{i}]");
+        if !names.insert(p.name.as_str()) {
+            problems.push(Problem {
+                path: format!("{at}.name"),
+                message: format!("duplicate provider name {:?}", p.name),
+            });
+        }
+        match resolve_provider(&at, p, &defaults, env) {
+            Ok(settings) => providers.push(settings),
+            Err(p) => problems.extend(p),
+        }
+    }
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(Settings {
+        source: source.to_path_buf(),
+        listen_address,
+        api_token,
+        state_path: file.state.path,
+        max_models_per_provider: file.metrics.max_models_per_provider,
+        latency_buckets: file.metrics.latency_buckets,
+        shard,
+        providers,
+    })
+}
+
+fn check_polling(at: &str, p: &Polling, problem: &mut impl FnMut(&str, String)) {
+    if p.interval.is_zero() {
+        problem(&format!("{at}.interval"), "must be greater than 0".into());
+    }
+    if p.max_interval < p.interval {
+        problem(
+            &format!("{at}.max_interval"),
+            format!(
+                "{} is shorter than interval {}",
+                humantime::format_duration(p.max_interval),
+                humantime::format_duration(p.interval)
+            ),
+        );
+    }
+    if p.timeout.is_zero() {
+        problem(&format!("{at}.timeout"), "must be greater than 0".into());
+    }
+    if !(p.requests_per_second.is_finite() && p.requests_per_second > 0.0) {
+        problem(
+            &format!("{at}.requests_per_second"),
+            "must be a number greater than 0".into(),
+        );
+    }
+    if p.max_concurrency == 0 {
+        problem(
+            &format!("{at}.max_concurrency"),
+            "must be at least 1".into(),
+        );
+    }
+    if p.max_task_age.is_zero() {
+        problem(
+            &format!("{at}.max_task_age"),
+            "must be greater than 0".into(),
+        );
+    }
+    if p.forget_after < p.retention {
+        problem(
+            &format!("{at}.forget_after"),
+            format!(
+                "{} is shorter than retention {}",
+                humantime::format_duration(p.forget_after),
+                humantime::format_duration(p.retention)
+            ),
+        );
+    }
+}
+
+fn resolve_provider(
+    at: &str,
+    p: &ProviderFile,
+    defaults: &Polling,
+    env: &dyn Environment,
+) -> Result<ProviderSettings, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut problem = |path: String, message: String| problems.push(Problem { path, message });
+
+    // The name is a label value and a URL path segment (`/webhooks/{name}`): keep it tame.
+    let name_ok = !p.name.is_empty()
+        && p.name.len() <= 64
+        && p.name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if !name_ok {
+        problem(
+            format!("{at}.name"),
+            format!(
+                "{:?} must be 1-64 characters of a-z, 0-9, '_' or '-'",
+                p.name
+            ),
+        );
+    }
+
+    let base_url = p
+        .base_url
+        .clone()
+        .unwrap_or_else(|| p.kind.default_base_url().to_string());
+    let base_url = base_url.trim_end_matches('/').to_string();
+    match reqwest::Url::parse(&base_url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {
+            if !url.username().is_empty() || url.password().is_some() {
+                problem(
+                    format!("{at}.base_url"),
+                    "must not contain credentials; use token_env or token_file".into(),
+                );
+            }
+        }
+        _ => problem(
+            format!("{at}.base_url"),
+            "must be an http:// or https:// URL".into(),
+        ),
+    }
+
+    let token = match load_secret(
+        at,
+        "token",
+        p.token_env.as_deref(),
+        p.token_file.as_deref(),
+        true,
+        env,
+    ) {
+        Ok(t) => t,
+        Err(ps) => {
+            problems.extend(ps);
+            None
+        }
+    };
+    let mut problem = |path: String, message: String| problems.push(Problem { path, message });
+
+    let polling = defaults.merged(&p.polling);
+    // Problems of the shared defaults are reported once, under `polling`.
+    if polling != *defaults {
+        check_polling(&format!("{at}.polling"), &polling, &mut |path, m| {
+            problem(path.to_string(), m)
+        });
+    }
+
+    for (j, id) in p.tasks.iter().enumerate() {
+        if !is_valid_task_id(id) {
+            problem(
+                format!("{at}.tasks[{j}]"),
+                format!("not a task id (1-{MAX_TASK_ID_LEN} printable characters, no spaces)"),
+            );
+        }
+    }
+    for (j, pattern) in p.task_files.iter().enumerate() {
+        if let Err(e) = glob::Pattern::new(pattern) {
+            problem(format!("{at}.task_files[{j}]"), format!("bad glob: {e}"));
+        }
+    }
+
+    let mut webhook_token = None;
+    if let Some(w) = p.webhook.as_ref().filter(|w| w.enabled) {
+        let wat = format!("{at}.webhook");
+        match load_secret(
+            &wat,
+            "token",
+            w.token_env.as_deref(),
+            w.token_file.as_deref(),
+            true,
+            env,
+        ) {
+            Ok(t) => webhook_token = t,
+            Err(ps) => problems.extend(ps),
+        }
+    }
+    let mut problem = |path: String, message: String| problems.push(Problem { path, message });
+
+    let mut history = None;
+    if let Some(h) = p.history.as_ref().filter(|h| h.enabled) {
+        if p.kind != ProviderType::Apimall {
+            problem(
+                format!("{at}.history"),
+                format!("{} has no history endpoint", p.kind.as_str()),
+            );
+        }
+        if h.interval.0.is_zero() {
+            problem(
+                format!("{at}.history.interval"),
+                "must be greater than 0".into(),
+            );
+        }
+        if h.max_pages == 0 {
+            problem(
+                format!("{at}.history.max_pages"),
+                "must be at least 1".into(),
+            );
+        }
+        let mut kinds = Vec::new();
+        for (j, k) in h.kinds.iter().enumerate() {
+            match k.as_str() {
+                "images" => kinds.push(HistoryKind::Images),
+                "videos" => kinds.push(HistoryKind::Videos),
+                "audio" => kinds.push(HistoryKind::Audio),
+                other => problem(
+                    format!("{at}.history.kinds[{j}]"),
+                    format!("{other:?} is not one of images, videos, audio"),
+                ),
+            }
+        }
+        history = Some(HistorySettings {
+            interval: h.interval.0,
+            max_pages: h.max_pages,
+            kinds,
+        });
+    }
+
+    let mut balance_interval = None;
+    if let Some(b) = p.balance.as_ref().filter(|b| b.enabled) {
+        if p.kind != ProviderType::Apimall {
+            problem(
+                format!("{at}.balance"),
+                format!("{} has no balance endpoint", p.kind.as_str()),
+            );
+        }
+        if b.interval.0.is_zero() {
+            problem(
+                format!("{at}.balance.interval"),
+                "must be greater than 0".into(),
+            );
+        }
+        balance_interval = Some(b.interval.0);
+    }
+
+    let rule_pairs: Vec<(String, String)> = p
+        .failure_reasons
+        .iter()
+        .map(|r| (r.reason.clone(), r.pattern.clone()))
+        .collect();
+    let failure_rules = match FailureRules::new(&rule_pairs) {
+        Ok(rules) => rules,
+        Err(e) => {
+            problem(format!("{at}.failure_reasons"), e.to_string());
+            FailureRules::defaults()
+        }
+    };
+
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(ProviderSettings {
+        name: p.name.clone(),
+        kind: p.kind,
+        base_url,
+        token: token.expect("a required secret is present when no problem was reported"),
+        polling,
+        tasks: p.tasks.clone(),
+        task_files: p.task_files.clone(),
+        webhook_token,
+        history,
+        balance_interval,
+        failure_rules,
+        failure_rules_source: rule_pairs,
+    })
+}
