@@ -26,7 +26,7 @@ pub use file::{
 };
 pub use resolve::resolve;
 pub use settings::{HistorySettings, Polling, ProviderSettings, Settings, Shard};
-pub use yaml::{ConfigError, HumanDuration, Problem, no_snippet, parse_yaml};
+pub use yaml::{ConfigError, HumanDuration, Problem, load_yaml_file, no_snippet, parse_yaml};
 
 /// The task-id rule lives with the task; the configuration checks `tasks` with it and the
 /// registry imports it from here.
@@ -67,17 +67,11 @@ pub fn load(
     overrides: &Overrides,
     env: &dyn Environment,
 ) -> Result<Settings, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: file.clone(),
-        source,
-    })?;
-    let parsed = parse(&text).map_err(|message| ConfigError::Parse {
-        file: file.clone(),
-        message,
-    })?;
-    resolve(parsed, path, overrides, env)
-        .map_err(|problems| ConfigError::Invalid { file, problems })
+    let parsed: FileConfig = load_yaml_file(path)?;
+    resolve(parsed, path, overrides, env).map_err(|problems| ConfigError::Invalid {
+        file: path.display().to_string(),
+        problems,
+    })
 }
 
 /// Parses YAML text into the file structure. The error text names line and column.

@@ -46,19 +46,14 @@ pub(super) fn load_secret(
                 message: format!("variable {var} is not set"),
             }]),
         },
-        (None, Some(path)) => match std::fs::read_to_string(path) {
-            Ok(value) if !value.trim().is_empty() => {
-                Ok(Some(Secret::new(value.trim().to_string())))
-            }
-            Ok(_) => Err(vec![Problem {
+        // Bounded and regular files only (see `Secret::from_file`); the file is named, its
+        // content never is.
+        (None, Some(path)) => Secret::from_file(path).map(Some).map_err(|e| {
+            vec![Problem {
                 path: at("file"),
-                message: format!("{} is empty", path.display()),
-            }]),
-            Err(e) => Err(vec![Problem {
-                path: at("file"),
-                message: format!("cannot read {}: {}", path.display(), e.kind()),
-            }]),
-        },
+                message: format!("{} {e}", path.display()),
+            }]
+        }),
     }
 }
 

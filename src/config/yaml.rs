@@ -3,9 +3,12 @@
 //! line and column without quoting the file, humantime durations, and the error types.
 
 use std::fmt;
+use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+
+use crate::secret::{ReadError, read_bounded_text};
 
 /// A humantime duration in the file (`15s`, `5m`, `6h`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,14 +17,32 @@ pub struct HumanDuration(pub Duration);
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
+        // The message does not repeat the value: it may be a secret pasted in the wrong place.
         humantime::parse_duration(&text)
             .map(HumanDuration)
             .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "invalid duration {text:?} ({e}); use e.g. 15s, 5m, 6h"
-                ))
+                serde::de::Error::custom(match e {
+                    humantime::DurationError::NumberOverflow => "duration is too large",
+                    _ => "invalid duration: use a number and a unit, e.g. 500ms, 15s, 5m, 6h",
+                })
             })
     }
+}
+
+/// Largest configuration file read (a configuration is a few kilobytes).
+const MAX_FILE_BYTES: u64 = 4 << 20;
+
+/// Reads the YAML file at `path` into `T`; errors name the file and, for the content, the key
+/// path, line and column (see [`parse_yaml`]).
+pub fn load_yaml_file<T: serde::de::DeserializeOwned + Default>(
+    path: &Path,
+) -> Result<T, ConfigError> {
+    let file = path.display().to_string();
+    let text = read_bounded_text(path, MAX_FILE_BYTES).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    parse_yaml(&text).map_err(|message| ConfigError::Parse { file, message })
 }
 
 /// One thing wrong with the configuration, at a key path.
@@ -43,11 +64,11 @@ impl fmt::Display for Problem {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{file}: cannot read: {source}")]
+    #[error("{file}: {source}")]
     Read {
         file: String,
         #[source]
-        source: std::io::Error,
+        source: ReadError,
     },
     /// YAML syntax or a type/unknown-key error; the message carries line and column.
     #[error("{file}: {message}")]

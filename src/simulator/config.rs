@@ -326,8 +326,7 @@ pub enum SimConfigError {
 impl SimConfig {
     /// Parse and validate a YAML scenario.
     pub fn from_yaml(text: &str) -> Result<SimConfig, SimConfigError> {
-        let cfg: SimConfig =
-            serde_saphyr::from_str(text).map_err(|e| SimConfigError::Parse(e.to_string()))?;
+        let cfg: SimConfig = crate::config::parse_yaml(text).map_err(SimConfigError::Parse)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -601,10 +600,7 @@ mod duration {
     use serde::{Deserialize, Deserializer};
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration {text:?}: {e} (e.g. \"500ms\")"))
-        })
+        crate::config::HumanDuration::deserialize(d).map(|d| d.0)
     }
 }
 

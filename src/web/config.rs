@@ -14,7 +14,7 @@ use axum::http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use super::tls::{self, ClientAuth, PemSource, TlsSettings};
-use crate::config::{ConfigError, HumanDuration, Problem};
+use crate::config::{ConfigError, HumanDuration, Problem, load_yaml_file};
 use crate::secret::Secret;
 
 /// The file, key for key.
@@ -137,14 +137,7 @@ const FORBIDDEN_HEADERS: &[&str] = &[
 /// Reads, parses and checks the web configuration at `path`, certificates included.
 pub fn load(path: &Path) -> Result<WebConfig, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: file.clone(),
-        source,
-    })?;
-    let parsed = parse(&text).map_err(|message| ConfigError::Parse {
-        file: file.clone(),
-        message,
-    })?;
+    let parsed: WebFile = load_yaml_file(path)?;
     let base = path.parent().unwrap_or(Path::new("."));
     let mut config =
         resolve(parsed, base).map_err(|problems| ConfigError::Invalid { file, problems })?;
