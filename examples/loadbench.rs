@@ -251,6 +251,8 @@ fn settings(state: &Path, upstream: SocketAddr, polling: Polling) -> Settings {
             balance_interval: None,
             failure_rules: FailureRules::default(),
             failure_rules_source: vec![],
+            webhook_confirm: false,
+            proxy: Default::default(),
         }],
     }
 }

@@ -125,6 +125,17 @@ impl ProviderType {
         }
     }
 
+    /// Whether a webhook callback is confirmed by one get-task request unless
+    /// `webhook.confirm` says otherwise. A maxapi callback body is the complete get-task
+    /// envelope, so it is used as is; the body of an apimall delivery is not documented, so
+    /// it only names the task to ask about.
+    pub fn confirms_webhooks_by_default(self) -> bool {
+        match self {
+            ProviderType::Maxapi => false,
+            ProviderType::Apimall => true,
+        }
+    }
+
     pub(super) fn default_base_url(self) -> &'static str {
         match self {
             ProviderType::Maxapi => DEFAULT_MAXAPI_BASE_URL,
@@ -159,6 +170,8 @@ pub struct ProviderFile {
     pub balance: Option<BalanceFile>,
     #[serde(default)]
     pub failure_reasons: Vec<FailureRuleFile>,
+    #[serde(default)]
+    pub proxy: ProxyFile,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -170,6 +183,32 @@ pub struct WebhookFile {
     pub token_env: Option<String>,
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// Whether a callback is confirmed by one get-task request; default per provider type
+    /// ([`ProviderType::confirms_webhooks_by_default`]).
+    #[serde(default)]
+    pub confirm: Option<bool>,
+}
+
+/// The optional reverse proxy to the provider's `base_url` (`ANY /proxy/{provider}/...`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyFile {
+    pub enabled: bool,
+    /// Largest request body passed upstream (a submit request carries its input images).
+    pub max_request_body_bytes: u64,
+    /// One proxied upstream request, body included.
+    pub timeout: HumanDuration,
+}
+
+impl Default for ProxyFile {
+    fn default() -> Self {
+        let settings = super::ProxySettings::default();
+        ProxyFile {
+            enabled: settings.enabled,
+            max_request_body_bytes: settings.max_request_body_bytes as u64,
+            timeout: HumanDuration(settings.timeout),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -22,10 +22,10 @@ use std::path::Path;
 pub use file::{
     BalanceFile, DEFAULT_APIMALL_BASE_URL, DEFAULT_LATENCY_BUCKETS, DEFAULT_LISTEN_ADDRESS,
     DEFAULT_MAXAPI_BASE_URL, FailureRuleFile, FileConfig, HistoryFile, MetricsFile, PollingFile,
-    ProviderFile, ProviderType, ServerFile, ShardingFile, StateFile, WebhookFile,
+    ProviderFile, ProviderType, ProxyFile, ServerFile, ShardingFile, StateFile, WebhookFile,
 };
 pub use resolve::resolve;
-pub use settings::{HistorySettings, Polling, ProviderSettings, Settings, Shard};
+pub use settings::{HistorySettings, Polling, ProviderSettings, ProxySettings, Settings, Shard};
 pub use yaml::{ConfigError, HumanDuration, Problem, load_yaml_file, no_snippet, parse_yaml};
 
 /// The task-id rule lives with the task; the configuration checks `tasks` with it and the

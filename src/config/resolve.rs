@@ -5,12 +5,13 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use super::Environment;
 use super::Overrides;
 use super::file::{FileConfig, ProviderFile, ProviderType};
 use super::secrets::load_secret;
-use super::settings::{HistorySettings, Polling, ProviderSettings, Settings, Shard};
+use super::settings::{HistorySettings, Polling, ProviderSettings, ProxySettings, Settings, Shard};
 use super::yaml::Problem;
 use crate::providers::{FailureRules, HistoryKind};
 use crate::task::{MAX_TASK_ID_LEN, is_valid_task_id};
@@ -75,17 +76,11 @@ pub fn resolve(
             "must be at least 1".into(),
         );
     }
-    let buckets = &file.metrics.latency_buckets;
-    if buckets.is_empty() {
-        problem("metrics.latency_buckets", "must not be empty".into());
-    } else if !buckets.iter().all(|b| b.is_finite() && *b > 0.0)
-        || buckets.windows(2).any(|w| w[0] >= w[1])
-    {
-        problem(
-            "metrics.latency_buckets",
-            "must be positive numbers in strictly increasing order".into(),
-        );
-    }
+    check_buckets(
+        "metrics.latency_buckets",
+        &file.metrics.latency_buckets,
+        &mut problem,
+    );
 
     let shard = Shard {
         index: overrides.shard_index.unwrap_or(file.sharding.index),
@@ -138,13 +133,59 @@ pub fn resolve(
     })
 }
 
-fn check_polling(at: &str, p: &Polling, problem: &mut impl FnMut(&str, String)) {
-    if p.interval.is_zero() {
-        problem(&format!("{at}.interval"), "must be greater than 0".into());
+/// Longest duration accepted anywhere. Durations become whole milliseconds added to clock
+/// readings (the registry) and deadlines of timers; within this bound neither can overflow.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+/// Shortest positive duration: the registry keeps durations as whole milliseconds, so a
+/// shorter one would become 0.
+const MIN_POSITIVE: Duration = Duration::from_millis(1);
+/// Shortest `forget_after`: static ids and task files are mentioned again at least this
+/// often (`registry::remention_interval`), and a tombstone must outlive the gap.
+const MIN_FORGET_AFTER: Duration = Duration::from_secs(1);
+
+/// Checks that `d` is at most [`MAX_DURATION`] and, when it must be positive, at least
+/// `min`.
+fn check_duration(
+    at: &str,
+    d: Duration,
+    min: Option<Duration>,
+    problem: &mut impl FnMut(&str, String),
+) {
+    if d > MAX_DURATION {
+        problem(at, "must be at most 100y".into());
+    } else if d.is_zero() && min.is_some() {
+        problem(at, "must be greater than 0".into());
+    } else if let Some(min) = min.filter(|min| d < *min) {
+        problem(
+            at,
+            format!("must be at least {}", humantime::format_duration(min)),
+        );
     }
+}
+
+/// The time between two requests at `requests_per_second`, when that is a usable duration
+/// (the rate limiter computes it the same way and must not panic).
+pub(crate) fn request_period(requests_per_second: f64) -> Option<Duration> {
+    if !(requests_per_second.is_finite() && requests_per_second > 0.0) {
+        return None;
+    }
+    Duration::try_from_secs_f64(1.0 / requests_per_second)
+        .ok()
+        .filter(|period| *period <= MAX_DURATION)
+}
+
+fn check_polling(at: &str, p: &Polling, problem: &mut impl FnMut(&str, String)) {
+    let key = |name: &str| format!("{at}.{name}");
+    check_duration(&key("interval"), p.interval, Some(MIN_POSITIVE), problem);
+    check_duration(
+        &key("max_interval"),
+        p.max_interval,
+        Some(MIN_POSITIVE),
+        problem,
+    );
     if p.max_interval < p.interval {
         problem(
-            &format!("{at}.max_interval"),
+            &key("max_interval"),
             format!(
                 "{} is shorter than interval {}",
                 humantime::format_duration(p.max_interval),
@@ -152,35 +193,51 @@ fn check_polling(at: &str, p: &Polling, problem: &mut impl FnMut(&str, String)) 
             ),
         );
     }
-    if p.timeout.is_zero() {
-        problem(&format!("{at}.timeout"), "must be greater than 0".into());
-    }
-    if !(p.requests_per_second.is_finite() && p.requests_per_second > 0.0) {
+    check_duration(&key("timeout"), p.timeout, Some(MIN_POSITIVE), problem);
+    if request_period(p.requests_per_second).is_none() {
         problem(
-            &format!("{at}.requests_per_second"),
-            "must be a number greater than 0".into(),
+            &key("requests_per_second"),
+            "must be a finite number greater than 0, at least one request per 100y".into(),
         );
     }
     if p.max_concurrency == 0 {
-        problem(
-            &format!("{at}.max_concurrency"),
-            "must be at least 1".into(),
-        );
+        problem(&key("max_concurrency"), "must be at least 1".into());
     }
-    if p.max_task_age.is_zero() {
-        problem(
-            &format!("{at}.max_task_age"),
-            "must be greater than 0".into(),
-        );
-    }
+    check_duration(
+        &key("max_task_age"),
+        p.max_task_age,
+        Some(MIN_POSITIVE),
+        problem,
+    );
+    check_duration(&key("retention"), p.retention, None, problem);
+    check_duration(
+        &key("forget_after"),
+        p.forget_after,
+        Some(MIN_FORGET_AFTER),
+        problem,
+    );
     if p.forget_after < p.retention {
         problem(
-            &format!("{at}.forget_after"),
+            &key("forget_after"),
             format!(
                 "{} is shorter than retention {}",
                 humantime::format_duration(p.forget_after),
                 humantime::format_duration(p.retention)
             ),
+        );
+    }
+}
+
+/// Histogram bucket bounds: at least one, finite, positive, strictly increasing.
+fn check_buckets(at: &str, buckets: &[f64], problem: &mut impl FnMut(&str, String)) {
+    if buckets.is_empty() {
+        problem(at, "must not be empty".into());
+    } else if !buckets.iter().all(|b| b.is_finite() && *b > 0.0)
+        || buckets.windows(2).any(|w| w[0] >= w[1])
+    {
+        problem(
+            at,
+            "must be positive finite numbers in strictly increasing order".into(),
         );
     }
 }
@@ -293,21 +350,31 @@ fn resolve_provider(
                 format!("{} has no history endpoint", p.kind.as_str()),
             );
         }
-        if h.interval.0.is_zero() {
-            problem(
-                format!("{at}.history.interval"),
-                "must be greater than 0".into(),
-            );
-        }
+        check_duration(
+            &format!("{at}.history.interval"),
+            h.interval.0,
+            Some(MIN_POSITIVE),
+            &mut |path, m| problem(path.to_string(), m),
+        );
         if h.max_pages == 0 {
             problem(
                 format!("{at}.history.max_pages"),
                 "must be at least 1".into(),
             );
         }
+        if h.kinds.is_empty() {
+            problem(
+                format!("{at}.history.kinds"),
+                "must name at least one of images, videos, audio".into(),
+            );
+        }
         let mut kinds = Vec::new();
         for (j, k) in h.kinds.iter().enumerate() {
             match k.as_str() {
+                "images" | "videos" | "audio" if h.kinds[..j].contains(k) => problem(
+                    format!("{at}.history.kinds[{j}]"),
+                    format!("{k:?} is listed twice"),
+                ),
                 "images" => kinds.push(HistoryKind::Images),
                 "videos" => kinds.push(HistoryKind::Videos),
                 "audio" => kinds.push(HistoryKind::Audio),
@@ -332,14 +399,42 @@ fn resolve_provider(
                 format!("{} has no balance endpoint", p.kind.as_str()),
             );
         }
-        if b.interval.0.is_zero() {
-            problem(
-                format!("{at}.balance.interval"),
-                "must be greater than 0".into(),
-            );
-        }
+        check_duration(
+            &format!("{at}.balance.interval"),
+            b.interval.0,
+            Some(MIN_POSITIVE),
+            &mut |path, m| problem(path.to_string(), m),
+        );
         balance_interval = Some(b.interval.0);
     }
+
+    let proxy = &p.proxy;
+    check_duration(
+        &format!("{at}.proxy.timeout"),
+        proxy.timeout.0,
+        Some(MIN_POSITIVE),
+        &mut |path, m| problem(path.to_string(), m),
+    );
+    let max_request_body_bytes = match usize::try_from(proxy.max_request_body_bytes) {
+        Ok(0) | Err(_) => {
+            problem(
+                format!("{at}.proxy.max_request_body_bytes"),
+                format!("must be between 1 and {}", usize::MAX),
+            );
+            0
+        }
+        Ok(bytes) => bytes,
+    };
+    let proxy = ProxySettings {
+        enabled: proxy.enabled,
+        max_request_body_bytes,
+        timeout: proxy.timeout.0,
+    };
+    let webhook_confirm = p
+        .webhook
+        .as_ref()
+        .and_then(|w| w.confirm)
+        .unwrap_or(p.kind.confirms_webhooks_by_default());
 
     let rule_pairs: Vec<(String, String)> = p
         .failure_reasons
@@ -366,9 +461,11 @@ fn resolve_provider(
         tasks: p.tasks.clone(),
         task_files: p.task_files.clone(),
         webhook_token,
+        webhook_confirm,
         history,
         balance_interval,
         failure_rules,
         failure_rules_source: rule_pairs,
+        proxy,
     })
 }

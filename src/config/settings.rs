@@ -95,11 +95,33 @@ pub struct ProviderSettings {
     pub tasks: Vec<String>,
     pub task_files: Vec<String>,
     pub webhook_token: Option<Secret>,
+    /// Whether a callback is confirmed by one get-task request (`webhook.confirm`).
+    pub webhook_confirm: bool,
     pub history: Option<HistorySettings>,
     pub balance_interval: Option<Duration>,
     pub failure_rules: FailureRules,
     /// The `failure_reasons` as written, to tell whether a reload changed them.
     pub failure_rules_source: Vec<(String, String)>,
+    pub proxy: ProxySettings,
+}
+
+/// The reverse proxy to the provider's `base_url` (`providers[].proxy`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxySettings {
+    pub enabled: bool,
+    pub max_request_body_bytes: usize,
+    pub timeout: Duration,
+}
+
+impl Default for ProxySettings {
+    /// Off, 64 MiB bodies, 120 s per request: the file's defaults.
+    fn default() -> Self {
+        ProxySettings {
+            enabled: false,
+            max_request_body_bytes: 64 << 20,
+            timeout: Duration::from_secs(120),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
