@@ -26,7 +26,7 @@ pub use file::{
 };
 pub use resolve::resolve;
 pub use settings::{HistorySettings, Polling, ProviderSettings, ProxySettings, Settings, Shard};
-pub use yaml::{ConfigError, HumanDuration, Problem, load_yaml_file, no_snippet, parse_yaml};
+pub use yaml::{ConfigError, HumanDuration, Problem, load_yaml_file, parse_yaml};
 
 /// The task-id rule lives with the task; the configuration checks `tasks` with it and the
 /// registry imports it from here.

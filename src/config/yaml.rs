@@ -88,39 +88,56 @@ fn join_problems(problems: &[Problem]) -> String {
         .join("\n  ")
 }
 
-/// Parser options for files that may hold secrets by mistake: errors name the line and
-/// column but do not quote the file (a `token: sk-...` typo must not reach logs or the
-/// reload answer).
-pub fn no_snippet() -> serde_saphyr::Options {
+/// Parser options for configuration files. Errors name the line and column but do not quote
+/// the file: it may hold a secret by mistake (a `token: sk-...` typo must not reach logs or
+/// the reload answer). Indentation is strict: a key indented one space short is a syntax
+/// error at its own line, not folded into the previous value.
+fn parser_options() -> serde_saphyr::Options {
     let mut options = serde_saphyr::Options::default();
     options.with_snippet = false;
+    options.strict_indentation = true;
     options
 }
 
 /// Parses a YAML document into `T` (an empty one gives `T::default()`). The error names the
 /// key path ("providers[1].polling.interval", from serde_path_to_error) and the line and
-/// column (from saphyr), without quoting the file (see [`no_snippet`]).
+/// column (from saphyr), without quoting the file (see [`parser_options`]).
 pub fn parse_yaml<T: serde::de::DeserializeOwned + Default>(text: &str) -> Result<T, String> {
     if text.trim().is_empty() {
         // An empty file is an empty mapping: every default applies.
         return Ok(T::default());
     }
+    // The whole document's syntax first: the typed pass stops at the first missing field,
+    // before the parser reaches a mis-indented line that is the real mistake.
+    // Typed `f64` keys accept `.nan` and `.inf` and resolution refuses them with their key
+    // path; this untyped pass lets them through to that.
+    let mut syntax_only = parser_options();
+    syntax_only.non_finite_float_policy = serde_saphyr::NonFiniteFloatPolicy::PassThrough;
+    serde_saphyr::from_str_with_options::<serde::de::IgnoredAny>(text, syntax_only)
+        .map_err(|e| located(&e))?;
     let mut key_path = String::new();
-    let parsed = serde_saphyr::with_deserializer_from_str_with_options(text, no_snippet(), |de| {
-        serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
-            key_path = e.path().to_string();
-            e.into_inner()
-        })
-    });
+    let parsed =
+        serde_saphyr::with_deserializer_from_str_with_options(text, parser_options(), |de| {
+            serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
+                key_path = e.path().to_string();
+                e.into_inner()
+            })
+        });
     parsed.map_err(|e| {
-        let mut message = e.to_string();
-        if let Some(loc) = e.location().filter(|_| !message.contains("line")) {
-            message = format!("line {} column {}: {message}", loc.line(), loc.column());
-        }
+        let message = located(&e);
         if key_path.is_empty() || key_path == "." {
             message
         } else {
             format!("{key_path}: {message}")
         }
     })
+}
+
+/// The error's text, with its line and column when the text lacks them.
+fn located(e: &serde_saphyr::Error) -> String {
+    let message = e.to_string();
+    match e.location().filter(|_| !message.contains("line")) {
+        Some(loc) => format!("line {} column {}: {message}", loc.line(), loc.column()),
+        None => message,
+    }
 }
