@@ -416,3 +416,74 @@ async fn sighup_reloads_the_real_binary() {
     let status = binary.stop();
     assert!(status.success(), "clean exit on SIGTERM: {status}");
 }
+
+/// Values that would panic a conversion later (a rate whose request interval overflows, a
+/// duration whose milliseconds overflow) are refused by `check-config` and by a reload, and
+/// the running configuration goes on polling and answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_values_are_refused_and_polling_goes_on() {
+    let fake = FakeUpstream::start().await;
+    fake.script(
+        "/api/v1/task/t-slow",
+        vec![Reply::json(200, maxapi_task("t-slow", "PROCESSING"))],
+    );
+    let files = Files::new();
+    files.write("one.key", "key-one");
+    let one = provider("one", &fake.url(), &files.path("one.key"), &["t-slow"]);
+    let good = config_yaml(&files, std::slice::from_ref(&one));
+    files.write("config.yaml", &good);
+    let exporter = Exporter::start_from_file(&files.config()).await;
+    let requests = |m: &Scrape| m.sum("genai_upstream_requests_total", &[("provider", "one")]);
+    exporter.wait_for(WAIT, |m| requests(m) >= 1.0).await;
+    let (_, started_at) = reload_gauges(&exporter.scrape().await);
+
+    let bad_files = [
+        (
+            good.replace("requests_per_second: 200", "requests_per_second: 1e-20"),
+            "polling.requests_per_second",
+        ),
+        (
+            good.replace("timeout: 2s", "timeout: 2s, max_task_age: 500000000y"),
+            "polling.max_task_age",
+        ),
+        (
+            good.replace("interval: 100ms,", "interval: 0s,"),
+            "polling.interval",
+        ),
+        (
+            good.replace("requests_per_second: 200", "requests_per_second: .nan"),
+            "polling.requests_per_second",
+        ),
+    ];
+    for (bad, key) in bad_files {
+        files.write("config.yaml", &bad);
+        // check-config, the real binary: exit 1, the key path named.
+        let check = std::process::Command::new(env!("CARGO_BIN_EXE_genai-task-exporter"))
+            .args(["check-config", "--config.file"])
+            .arg(files.config())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&check.stderr).to_string()
+            + &String::from_utf8_lossy(&check.stdout);
+        assert_eq!(check.status.code(), Some(1), "{key}: {said}");
+        assert!(said.contains(key), "{key}: {said}");
+
+        // The reload is refused; the gauge says so.
+        let (status, body) = post_reload(&exporter.url("/-/reload")).await;
+        assert_eq!(status, 400, "{key}: {body}");
+        assert!(body.contains(key), "{body}");
+        let m = exporter.scrape().await;
+        assert_eq!(reload_gauges(&m), (0.0, started_at), "{key}");
+
+        // Polling goes on at the old rate, and the pages keep answering.
+        let before = requests(&m);
+        exporter
+            .wait_for(WAIT, |m| requests(m) >= before + 2.0)
+            .await;
+        for path in ["/-/ready", "/", "/-/healthy"] {
+            let response = reqwest::get(exporter.url(path)).await.unwrap();
+            assert_eq!(response.status(), 200, "{path} after the {key} reload");
+        }
+    }
+    exporter.stop().await;
+}
