@@ -57,8 +57,15 @@ pub enum ReadError {
     NotText,
     #[error("is empty")]
     Empty,
-    #[error("cannot be read: {0}")]
+    #[error("cannot be read: {}", io_reason(*.0))]
     Io(std::io::ErrorKind),
+}
+
+fn io_reason(kind: std::io::ErrorKind) -> String {
+    match kind {
+        std::io::ErrorKind::NotFound => "no such file".into(),
+        other => other.to_string(),
+    }
 }
 
 impl Secret {
@@ -213,10 +220,9 @@ mod tests {
             Secret::from_file(dir.path()).unwrap_err(),
             ReadError::NotRegular("directory")
         );
-        assert_eq!(
-            Secret::from_file(&dir.path().join("missing")).unwrap_err(),
-            ReadError::Io(std::io::ErrorKind::NotFound)
-        );
+        let missing = Secret::from_file(&dir.path().join("missing")).unwrap_err();
+        assert_eq!(missing, ReadError::Io(std::io::ErrorKind::NotFound));
+        assert_eq!(missing.to_string(), "cannot be read: no such file");
     }
 
     #[test]

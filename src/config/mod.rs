@@ -1,12 +1,12 @@
 //! Configuration: the YAML file, its defaults, its validation, and the secrets it points at
 //! (`token_env` / `token_file`, never inline).
 //!
-//! Loading is two steps, one module each. [`file`] is exactly the file (serde, unknown keys
-//! refused). [`resolve`] turns it into [`Settings`], what the exporter runs on: defaults
-//! applied, per-provider polling overrides folded in, every value checked (a value that
-//! cannot be used is a problem with its key path, never a panic later), secrets read
-//! ([`secrets`]). [`yaml`] is the parsing and problem reporting that every configuration
-//! parser of the crate shares, the web configuration's and the simulator's too.
+//! Loading is two steps, one module each. `file` is exactly the file (serde, unknown keys
+//! refused). `resolve` turns it into [`Settings`] (`settings`), what the exporter runs on:
+//! defaults applied, per-provider polling overrides folded in, every value checked (a value
+//! that cannot be used is a problem with its key path, never a panic later), secrets read
+//! (`secrets`). `yaml` is the parsing and problem reporting that every configuration parser
+//! of the crate shares, the web configuration's and the simulator's too.
 
 mod file;
 mod resolve;
@@ -28,8 +28,8 @@ pub use resolve::resolve;
 pub use settings::{HistorySettings, Polling, ProviderSettings, ProxySettings, Settings, Shard};
 pub use yaml::{ConfigError, HumanDuration, Problem, load_yaml_file, parse_yaml};
 
-/// The task-id rule lives with the task; the configuration checks `tasks` with it and the
-/// registry imports it from here.
+/// The task-id rule lives with the task (`crate::task`); re-exported for the callers that
+/// take it from here.
 pub use crate::task::{MAX_TASK_ID_LEN, is_valid_task_id};
 
 /// Where secrets and environment come from; a trait so tests need not touch the real
