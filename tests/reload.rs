@@ -485,5 +485,38 @@ async fn unusable_values_are_refused_and_polling_goes_on() {
             assert_eq!(response.status(), 200, "{path} after the {key} reload");
         }
     }
+
+    // A key file that is a FIFO with no writer, or /dev/zero: refused at once, by name.
+    let fifo = files.path("key-fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    for (key_file, kind) in [
+        (fifo, "is a FIFO, not a regular file"),
+        (
+            PathBuf::from("/dev/zero"),
+            "is a character device, not a regular file",
+        ),
+    ] {
+        let wrong_key = provider("one", &fake.url(), &key_file, &["t-slow"]);
+        files.write("config.yaml", &config_yaml(&files, &[wrong_key]));
+        let (status, body) = tokio::time::timeout(WAIT, post_reload(&exporter.url("/-/reload")))
+            .await
+            .expect("the reload answers instead of waiting on the file");
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body.contains(&format!(
+                "providers[0].token_file: {} {kind}",
+                key_file.display()
+            )),
+            "{body}"
+        );
+    }
+    let before = requests(&exporter.scrape().await);
+    exporter
+        .wait_for(WAIT, |m| requests(m) >= before + 2.0)
+        .await;
     exporter.stop().await;
 }
