@@ -2,7 +2,7 @@
 //! file limit, and the metrics that show what the listener closed and why.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,9 @@ const FD_RESERVE: u64 = 128;
 const MIN_CONNECTIONS: u64 = 16;
 /// Nor above this: an exporter has a few scrapers, not thousands of clients.
 const MAX_CONNECTIONS: u64 = 4096;
+/// Connections chosen for eviction whose descriptors are not closed yet, at most: beyond
+/// this, new connections wait in the backlog until evicted ones are gone.
+pub(crate) const EVICTION_SLACK: usize = 16;
 /// Used when the open file limit cannot be read.
 const FALLBACK_FD_LIMIT: u64 = 1024;
 
@@ -116,6 +119,8 @@ pub(crate) struct Activity {
     last_io_ms: AtomicU64,
     in_flight: AtomicUsize,
     requests: AtomicU64,
+    /// Set once the connection was chosen for eviction (it no longer counts toward the cap).
+    evicting: AtomicBool,
     /// Asks the connection to close (the cap is reached and it is the longest idle).
     pub(crate) evict: Notify,
 }
@@ -127,6 +132,7 @@ impl Activity {
             last_io_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
+            evicting: AtomicBool::new(false),
             evict: Notify::new(),
         }
     }
@@ -171,6 +177,8 @@ pub(crate) struct Connections {
     next_id: AtomicU64,
     pub(crate) cap: usize,
     pub(crate) metrics: ListenerMetrics,
+    /// Woken whenever a connection's task ends.
+    pub(crate) closed: Notify,
 }
 
 /// Removes its connection from the table when the connection's task ends.
@@ -191,6 +199,8 @@ impl Drop for Slot {
         let mut open = self.connections.open.lock().expect("connections lock");
         open.remove(&self.id);
         self.connections.metrics.open.set(open.len() as i64);
+        drop(open);
+        self.connections.closed.notify_waiters();
     }
 }
 
@@ -203,10 +213,20 @@ impl Connections {
             next_id: AtomicU64::new(0),
             cap,
             metrics,
+            closed: Notify::new(),
         })
     }
 
+    /// Open connections not already on their way out.
     pub(crate) fn len(&self) -> usize {
+        let open = self.open.lock().expect("connections lock");
+        open.values()
+            .filter(|a| !a.evicting.load(Ordering::Relaxed))
+            .count()
+    }
+
+    /// Open connections, counting those on their way out.
+    pub(crate) fn total(&self) -> usize {
         self.open.lock().expect("connections lock").len()
     }
 
@@ -230,10 +250,11 @@ impl Connections {
         let open = self.open.lock().expect("connections lock");
         let idlest = open
             .values()
-            .filter(|a| a.in_flight() == 0)
+            .filter(|a| a.in_flight() == 0 && !a.evicting.load(Ordering::Relaxed))
             .min_by_key(|a| a.last_io());
         match idlest {
             Some(activity) => {
+                activity.evicting.store(true, Ordering::Relaxed);
                 activity.evict.notify_one();
                 true
             }

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
-use super::limits::{Activity, Closed, Connections, Limits, Slot};
+use super::limits::{Activity, Closed, Connections, EVICTION_SLACK, Limits, Slot};
 use super::{Web, auth};
 
 /// At most one log line per this interval for faults a client can cause at will.
@@ -89,8 +89,21 @@ where
     let mut refuse_log = RateLimitedLog::default();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     tokio::pin!(shutdown);
-    loop {
+    'accept: loop {
         while tasks.try_join_next().is_some() {}
+        // Evicted connections must be gone before more are accepted, or a burst of new ones
+        // outruns them and the process runs out of descriptors.
+        loop {
+            let closed = connections.closed.notified();
+            if connections.total() < connections.cap + EVICTION_SLACK {
+                break;
+            }
+            tokio::select! {
+                () = closed => {}
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = &mut shutdown => break 'accept,
+            }
+        }
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => {
@@ -108,13 +121,13 @@ where
                     }
                     tokio::select! {
                         () = tokio::time::sleep(backoff) => {}
-                        () = &mut shutdown => break,
+                        () = &mut shutdown => break 'accept,
                     }
                     backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            () = &mut shutdown => break 'accept,
         };
         if connections.len() >= connections.cap && !connections.evict_idlest() {
             // Every connection has a request in flight: this one cannot have a slot.
