@@ -200,6 +200,19 @@ fn slow_header_clients_are_disconnected_after_the_header_timeout() {
             })
         })
         .collect();
+    // Silent clients never send a byte (hyper has not even chosen HTTP/1 or HTTP/2 yet).
+    let silent: Vec<_> = (0..5)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut stream = TcpStream::connect(addr).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(20)))
+                    .unwrap();
+                closed_by_server(&mut stream).then(|| start.elapsed())
+            })
+        })
+        .collect();
     let times: Vec<Duration> = clients
         .into_iter()
         .map(|c| {
@@ -210,14 +223,30 @@ fn slow_header_clients_are_disconnected_after_the_header_timeout() {
         .collect();
     let slowest = times.iter().max().unwrap();
     let fastest = times.iter().min().unwrap();
+    let silent: Vec<Duration> = silent
+        .into_iter()
+        .map(|c| {
+            c.join()
+                .unwrap()
+                .expect("the server closed the silent client")
+        })
+        .collect();
     println!(
-        "20 slow-header clients (1 byte / 0.5 s, header timeout 2 s) disconnected after {fastest:?} to {slowest:?}"
+        "20 slow-header clients (1 byte / 0.5 s, header timeout 2 s) disconnected after {fastest:?} to {slowest:?}; 5 silent clients after {:?} to {:?}",
+        silent.iter().min().unwrap(),
+        silent.iter().max().unwrap()
     );
     assert!(*fastest >= Duration::from_millis(1900), "{fastest:?}");
     assert!(*slowest < Duration::from_secs(6), "{slowest:?}");
+    for t in &silent {
+        assert!(
+            *t >= Duration::from_millis(1900) && *t < Duration::from_secs(6),
+            "{t:?}"
+        );
+    }
     let (status, scrape) = exporter.scrape();
     assert_eq!(status, 200);
-    assert_eq!(rejected(&scrape, "header_timeout"), 20.0, "{}", scrape.text);
+    assert_eq!(rejected(&scrape, "header_timeout"), 25.0, "{}", scrape.text);
 }
 
 #[test]
@@ -385,4 +414,36 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
+}
+
+#[test]
+fn idle_http2_connections_are_closed() {
+    let exporter = Exporter::start(&[], &[], "idle=1");
+    let start = Instant::now();
+    // An HTTP/2 (prior knowledge) client makes one request and keeps its connection idle.
+    genai_task_exporter::upstream::install_crypto_provider();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let client = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let status = runtime.block_on(async {
+        let url = format!("http://{}/-/healthy", exporter.addr);
+        client.get(url).send().await.unwrap().status()
+    });
+    assert_eq!(status, 200);
+    let mut closed_idle = None;
+    while start.elapsed() < Duration::from_secs(10) {
+        let (_, scrape) = exporter.scrape();
+        if rejected(&scrape, "idle_timeout") >= 1.0 {
+            closed_idle = Some(start.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let closed_idle = closed_idle.expect("the idle HTTP/2 connection was closed");
+    assert!(closed_idle >= Duration::from_millis(900), "{closed_idle:?}");
+    println!("idle HTTP/2 connection (idle timeout 1 s) closed by {closed_idle:?}");
+    assert!(closed_idle < Duration::from_secs(4), "{closed_idle:?}");
+    drop(client);
 }
