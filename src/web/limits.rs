@@ -154,6 +154,11 @@ impl Activity {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Withdraws an eviction that came as a request started: the connection counts again.
+    pub(crate) fn keep(&self) {
+        self.evicting.store(false, Ordering::Relaxed);
+    }
+
     /// Marks a request as started until the returned guard drops.
     pub(crate) fn request(self: &Arc<Self>) -> InFlight {
         self.requests.fetch_add(1, Ordering::Relaxed);

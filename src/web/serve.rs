@@ -341,6 +341,7 @@ async fn serve_http<I>(
                     metrics.count(Closed::ConnectionLimit);
                     return;
                 }
+                activity.keep();
             }
             changed = stop.changed() => {
                 let end = stop.borrow().unwrap_or_else(tokio::time::Instant::now);
