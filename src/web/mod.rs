@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod limits;
 pub mod serve;
 pub mod tls;
 
@@ -17,7 +18,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 pub use config::WebConfig;
-pub use serve::serve;
+pub use limits::Limits;
+pub use serve::{serve, serve_with_limits};
 
 use crate::config::{ConfigError, Problem};
 
