@@ -35,7 +35,9 @@ impl LimitedBody {
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, axum::body::Body> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -105,11 +107,7 @@ impl TeeBody {
     fn finish(&mut self) {
         if let Some(on_finish) = self.on_finish.take() {
             let complete = self.ended || self.inner.is_end_stream();
-            let copy = self
-                .copy
-                .take()
-                .filter(|_| complete)
-                .map(BytesMut::freeze);
+            let copy = self.copy.take().filter(|_| complete).map(BytesMut::freeze);
             on_finish(copy);
         }
     }

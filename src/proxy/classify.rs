@@ -136,16 +136,31 @@ mod tests {
     fn apimall_endpoints() {
         for kind in APIMALL_KINDS {
             let base = format!("/api/v1/{kind}");
-            assert_eq!(of(Apimall, Method::POST, &format!("{base}/generate")).0, Submit);
-            assert_eq!(of(Apimall, Method::GET, &format!("{base}/history")).0, History);
+            assert_eq!(
+                of(Apimall, Method::POST, &format!("{base}/generate")).0,
+                Submit
+            );
+            assert_eq!(
+                of(Apimall, Method::GET, &format!("{base}/history")).0,
+                History
+            );
             assert_eq!(
                 of(Apimall, Method::GET, &format!("{base}/img_01")),
                 (Task, Some("img_01".into()))
             );
-            assert_eq!(of(Apimall, Method::GET, &format!("{base}/generate")).0, Other);
-            assert_eq!(of(Apimall, Method::DELETE, &format!("{base}/img_01")).0, Other);
+            assert_eq!(
+                of(Apimall, Method::GET, &format!("{base}/generate")).0,
+                Other
+            );
+            assert_eq!(
+                of(Apimall, Method::DELETE, &format!("{base}/img_01")).0,
+                Other
+            );
         }
-        assert_eq!(of(Apimall, Method::GET, "/api/v1/account/balances").0, Balance);
+        assert_eq!(
+            of(Apimall, Method::GET, "/api/v1/account/balances").0,
+            Balance
+        );
         assert_eq!(of(Apimall, Method::GET, "/api/v1/music/generate").0, Other);
         assert_eq!(of(Apimall, Method::POST, "/api/v1/webhooks").0, Other);
         assert_eq!(of(Apimall, Method::POST, "/api/v1/task/submit").0, Other);

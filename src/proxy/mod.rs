@@ -36,7 +36,7 @@ use crate::providers::reasons::FailureRules;
 
 pub use classify::{ProviderKind, ProxyCode, ProxyEndpoint};
 pub use observe::{
-    ProxyObserver, Refusal, RejectReason, SubmitOutcome, Submission, TaskAnswer, parse_submit,
+    ProxyObserver, Refusal, RejectReason, Submission, SubmitOutcome, TaskAnswer, parse_submit,
 };
 pub use path::PathError;
 
@@ -103,7 +103,12 @@ impl LogGate {
         if now >= next
             && self
                 .next_second
-                .compare_exchange(next, now + LOG_INTERVAL_SECS, Ordering::Relaxed, Ordering::Relaxed)
+                .compare_exchange(
+                    next,
+                    now + LOG_INTERVAL_SECS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
                 .is_ok()
         {
             Some(self.suppressed.swap(0, Ordering::Relaxed))
@@ -162,8 +167,7 @@ fn end_to_end_headers(headers: &HeaderMap, extra: &[HeaderName]) -> HeaderMap {
         .collect();
     let mut out = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
-        if HOP_BY_HOP.contains(name) || extra.contains(name) || named_by_connection.contains(name)
-        {
+        if HOP_BY_HOP.contains(name) || extra.contains(name) || named_by_connection.contains(name) {
             continue;
         }
         out.append(name.clone(), value.clone());
@@ -176,7 +180,10 @@ fn error_response(status: StatusCode, message: &'static str) -> Response {
     let body = format!(r#"{{"error":"{message}"}}"#);
     (
         status,
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
         body,
     )
         .into_response()
@@ -285,8 +292,7 @@ impl ProviderProxy {
             Ok(url) => url,
             Err(error) => return self.refuse(Refusal::BadPath, error.as_str()),
         };
-        if content_length(request.headers()).is_some_and(|len| len > self.max_request_body_bytes)
-        {
+        if content_length(request.headers()).is_some_and(|len| len > self.max_request_body_bytes) {
             return self.refuse(Refusal::BodyTooLarge, "content-length over the limit");
         }
 
@@ -519,15 +525,27 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_those_connection_names_are_dropped() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Hop"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Hop"),
+        );
         headers.insert("x-hop", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
-        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
-        headers.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
+        headers.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
         headers.insert(header::HOST, HeaderValue::from_static("evil.example"));
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer app"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer app"),
+        );
         headers.append("x-multi", HeaderValue::from_static("a"));
         headers.append("x-multi", HeaderValue::from_static("b"));
         let out = end_to_end_headers(&headers, &[header::HOST]);

@@ -255,7 +255,8 @@ mod tests {
 
     #[test]
     fn maxapi_submission() {
-        let body = r#"{"code":0,"msg":"ok","data":{"taskId":"9db7d1ed-d1e5-4d11-9f3a-61f653b905ad"}}"#;
+        let body =
+            r#"{"code":0,"msg":"ok","data":{"taskId":"9db7d1ed-d1e5-4d11-9f3a-61f653b905ad"}}"#;
         assert_eq!(
             parse(Maxapi, 200, body),
             submitted("9db7d1ed-d1e5-4d11-9f3a-61f653b905ad", None, None)
@@ -286,16 +287,36 @@ mod tests {
     #[test]
     fn maxapi_rejections_by_msg() {
         let cases = [
-            (200, r#"{"code":400,"msg":"content rejected by moderation"}"#, ContentModeration),
-            (400, r#"{"code":400,"msg":"内容审核未通过"}"#, ContentModeration),
-            (400, r#"{"code":400,"msg":"invalid parameter: ratio"}"#, InvalidParameters),
-            (200, r#"{"code":400,"msg":"insufficient points"}"#, InsufficientCredits),
+            (
+                200,
+                r#"{"code":400,"msg":"content rejected by moderation"}"#,
+                ContentModeration,
+            ),
+            (
+                400,
+                r#"{"code":400,"msg":"内容审核未通过"}"#,
+                ContentModeration,
+            ),
+            (
+                400,
+                r#"{"code":400,"msg":"invalid parameter: ratio"}"#,
+                InvalidParameters,
+            ),
+            (
+                200,
+                r#"{"code":400,"msg":"insufficient points"}"#,
+                InsufficientCredits,
+            ),
             (400, r#"{"code":400,"msg":"something odd"}"#, Other),
             (400, r#"{"code":400}"#, Other),
             (400, r#"{"msg":"Invalid model"}"#, InvalidParameters),
         ];
         for (status, body, reason) in cases {
-            assert_eq!(parse(Maxapi, status, body), SubmitOutcome::Rejected(reason), "{body}");
+            assert_eq!(
+                parse(Maxapi, status, body),
+                SubmitOutcome::Rejected(reason),
+                "{body}"
+            );
         }
     }
 
@@ -309,7 +330,11 @@ mod tests {
             (400, "{}"),
             (400, "<html>bad request</html>"),
         ] {
-            assert_eq!(parse(Maxapi, status, body), SubmitOutcome::Unknown, "{body}");
+            assert_eq!(
+                parse(Maxapi, status, body),
+                SubmitOutcome::Unknown,
+                "{body}"
+            );
         }
     }
 
@@ -321,7 +346,10 @@ mod tests {
             submitted("img_01HQ", Some(8.0), Some(112.5))
         );
         let body = r#"{"success":true,"data":{"task_id":"vid_1","credits_used":"3"}}"#;
-        assert_eq!(parse(Apimall, 201, body), submitted("vid_1", Some(3.0), None));
+        assert_eq!(
+            parse(Apimall, 201, body),
+            submitted("vid_1", Some(3.0), None)
+        );
         let body = r#"{"success":true,"data":{"task_id":"aud_1","credits_used":null}}"#;
         assert_eq!(parse(Apimall, 200, body), submitted("aud_1", None, None));
     }
@@ -329,31 +357,78 @@ mod tests {
     #[test]
     fn apimall_rejections_by_message_then_code() {
         let cases = [
-            (400, r#"{"success":false,"error":{"code":"invalid_request","message":"NSFW content detected"}}"#, ContentModeration),
-            (400, r#"{"success":false,"error":{"code":"bad_request","message":"Invalid aspect ratio"}}"#, InvalidParameters),
-            (402, r#"{"success":false,"error":{"code":"payment_required","message":"Insufficient credits"}}"#, InsufficientCredits),
-            (400, r#"{"success":false,"error":{"code":"content_policy_violation","message":"Request refused"}}"#, ContentModeration),
-            (422, r#"{"success":false,"error":{"code":"insufficient_credits"}}"#, InsufficientCredits),
-            (400, r#"{"success":false,"error":{"code":"oops","message":"Request refused"}}"#, Other),
+            (
+                400,
+                r#"{"success":false,"error":{"code":"invalid_request","message":"NSFW content detected"}}"#,
+                ContentModeration,
+            ),
+            (
+                400,
+                r#"{"success":false,"error":{"code":"bad_request","message":"Invalid aspect ratio"}}"#,
+                InvalidParameters,
+            ),
+            (
+                402,
+                r#"{"success":false,"error":{"code":"payment_required","message":"Insufficient credits"}}"#,
+                InsufficientCredits,
+            ),
+            (
+                400,
+                r#"{"success":false,"error":{"code":"content_policy_violation","message":"Request refused"}}"#,
+                ContentModeration,
+            ),
+            (
+                422,
+                r#"{"success":false,"error":{"code":"insufficient_credits"}}"#,
+                InsufficientCredits,
+            ),
+            (
+                400,
+                r#"{"success":false,"error":{"code":"oops","message":"Request refused"}}"#,
+                Other,
+            ),
             (400, r#"{"success":false}"#, Other),
         ];
         for (status, body, reason) in cases {
-            assert_eq!(parse(Apimall, status, body), SubmitOutcome::Rejected(reason), "{body}");
+            assert_eq!(
+                parse(Apimall, status, body),
+                SubmitOutcome::Rejected(reason),
+                "{body}"
+            );
         }
     }
 
     #[test]
     fn apimall_non_rejections() {
         for (status, body) in [
-            (401, r#"{"success":false,"error":{"code":"unauthorized","message":"Invalid API key"}}"#),
-            (403, r#"{"success":false,"error":{"code":"forbidden","message":"Invalid host"}}"#),
-            (429, r#"{"success":false,"error":{"code":"rate_limited","message":"too many concurrent jobs"}}"#),
-            (500, r#"{"success":false,"error":{"code":"internal","message":"invalid state"}}"#),
-            (200, r#"{"success":false,"error":{"code":"x","message":"Invalid"}}"#),
+            (
+                401,
+                r#"{"success":false,"error":{"code":"unauthorized","message":"Invalid API key"}}"#,
+            ),
+            (
+                403,
+                r#"{"success":false,"error":{"code":"forbidden","message":"Invalid host"}}"#,
+            ),
+            (
+                429,
+                r#"{"success":false,"error":{"code":"rate_limited","message":"too many concurrent jobs"}}"#,
+            ),
+            (
+                500,
+                r#"{"success":false,"error":{"code":"internal","message":"invalid state"}}"#,
+            ),
+            (
+                200,
+                r#"{"success":false,"error":{"code":"x","message":"Invalid"}}"#,
+            ),
             (200, r#"{"success":true,"data":{}}"#),
             (400, "plain text"),
         ] {
-            assert_eq!(parse(Apimall, status, body), SubmitOutcome::Unknown, "{status} {body}");
+            assert_eq!(
+                parse(Apimall, status, body),
+                SubmitOutcome::Unknown,
+                "{status} {body}"
+            );
         }
     }
 }

@@ -212,7 +212,10 @@ mod tests {
         assert_eq!(check_path("/api/v1/").unwrap(), ["api", "v1"]);
         assert!(check_path("").unwrap().is_empty());
         assert!(check_path("/").unwrap().is_empty());
-        assert_eq!(check_path("/v1/models/m:generate").unwrap()[2], "m:generate");
+        assert_eq!(
+            check_path("/v1/models/m:generate").unwrap()[2],
+            "m:generate"
+        );
     }
 
     #[test]
@@ -296,7 +299,10 @@ mod tests {
     fn join_keeps_origin_and_prefix() {
         let base = Base::parse("http://127.0.0.1:8080/prefix/").unwrap();
         let url = base.join("/api/v1/task/abc", Some("x=1")).unwrap();
-        assert_eq!(url.as_str(), "http://127.0.0.1:8080/prefix/api/v1/task/abc?x=1");
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:8080/prefix/api/v1/task/abc?x=1"
+        );
         assert_eq!(
             base.join("", None).unwrap().as_str(),
             "http://127.0.0.1:8080/prefix/"
