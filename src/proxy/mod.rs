@@ -332,7 +332,7 @@ impl ProviderProxy {
                 } else {
                     ProxyCode::IoError
                 };
-                return self.upstream_failed(endpoint, code, duration, Some(&error));
+                return self.upstream_failed(endpoint, code, duration, Some(error));
             }
             Err(_elapsed) => {
                 return self.upstream_failed(endpoint, ProxyCode::Timeout, duration, None);
@@ -363,20 +363,10 @@ impl ProviderProxy {
         endpoint: ProxyEndpoint,
         code: ProxyCode,
         duration: Duration,
-        error: Option<&reqwest::Error>,
+        error: Option<reqwest::Error>,
     ) -> Response {
         if let Some(suppressed) = self.failures_log.open() {
-            // Without its URL, the error names no path or query the application sent.
-            let error = error.map(|e| {
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(e);
-                while let Some(cause) = source {
-                    text.push_str(": ");
-                    text.push_str(&cause.to_string());
-                    source = cause.source();
-                }
-                text
-            });
+            let error = error.map(describe);
             tracing::warn!(
                 provider = %self.name,
                 endpoint = endpoint.as_str(),
@@ -443,6 +433,20 @@ impl ProviderProxy {
             _ => {}
         }
     }
+}
+
+/// The error and its causes, without the URL: the application's path and query (which may
+/// carry a key) stay out of the log.
+fn describe(error: reqwest::Error) -> String {
+    let error = error.without_url();
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Runs observer work off the path of the answer: on a spawned task when a runtime is there
@@ -604,6 +608,26 @@ mod tests {
             ProxySettings::new("x").max_request_body_bytes,
             64 * 1024 * 1024
         );
+    }
+
+    #[tokio::test]
+    async fn logged_errors_name_no_url() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        crate::upstream::install_crypto_provider();
+        let error = reqwest::Client::new()
+            .get(format!("http://{addr}/api/v1/task/x?key=query-secret"))
+            .send()
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("query-secret"), "{error}");
+        let text = describe(error);
+        assert!(
+            !text.contains("query-secret") && !text.contains("/api/v1"),
+            "{text}"
+        );
+        assert!(!text.is_empty());
     }
 
     struct NoObserver;
