@@ -827,3 +827,82 @@ async fn chunked_request_bodies_stream_through() {
     assert_eq!(response.bytes().await.unwrap(), expected);
     assert_eq!(setup.seen()[0].body_len, expected.len());
 }
+
+/// Blocks in every callback until the test lets it go, then panics.
+struct Stuck {
+    release: Mutex<std::sync::mpsc::Receiver<()>>,
+    calls: AtomicUsize,
+}
+
+impl Stuck {
+    fn wait_then_panic(&self) {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let _ = self.release.lock().unwrap().recv_timeout(WAIT);
+        panic!("observer failure");
+    }
+}
+
+impl ProxyObserver for Stuck {
+    fn request_finished(&self, _: &str, _: ProxyEndpoint, _: ProxyCode, _: Duration) {
+        self.wait_then_panic()
+    }
+    fn request_refused(&self, _: &str, _: Refusal) {
+        self.wait_then_panic()
+    }
+    fn task_submitted(&self, _: &str, _: Submission) {
+        self.wait_then_panic()
+    }
+    fn submit_rejected(&self, _: &str, _: RejectReason) {
+        self.wait_then_panic()
+    }
+    fn task_answer(&self, _: &str, _: TaskAnswer) {
+        self.wait_then_panic()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_or_failing_observer_changes_no_answer() {
+    let (upstream, _state) = start_upstream().await;
+    let (release, released) = std::sync::mpsc::channel();
+    let stuck = Arc::new(Stuck {
+        release: Mutex::new(released),
+        calls: AtomicUsize::new(0),
+    });
+    let settings = ProxySettings::new(format!("http://{upstream}"));
+    let observer: Arc<dyn ProxyObserver> = Arc::clone(&stuck) as Arc<dyn ProxyObserver>;
+    let table = ProxyTable::new([ProviderProxy::new(
+        "maxapi",
+        ProviderKind::Maxapi,
+        &settings,
+        FailureRules::defaults(),
+        observer,
+    )
+    .unwrap()]);
+    let proxy_addr = serve(router(table)).await;
+    let client = client();
+    let direct = exchange(
+        &client,
+        reqwest::Method::POST,
+        &format!("http://{upstream}/api/v1/task/submit"),
+        submit_body("dog"),
+    )
+    .await;
+    // The observer holds every callback until both answers are in: an answer that waited
+    // for it would never arrive.
+    for _ in 0..2 {
+        let proxied = exchange(
+            &client,
+            reqwest::Method::POST,
+            &format!("http://{proxy_addr}/proxy/maxapi/api/v1/task/submit"),
+            submit_body("dog"),
+        )
+        .await;
+        assert_eq!(proxied, direct);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stuck.calls.load(Ordering::SeqCst) < 2 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(release);
+}
