@@ -443,6 +443,8 @@ async fn answers_are_identical_to_direct_calls_and_observed_once() {
         headers.contains(&("retry-after".into(), "7".into())),
         "{headers:?}"
     );
+    // Reports are spawned: wait for this one so that the next comes after it.
+    setup.recorder.wait_for_requests(cases.len() + 1).await;
 
     // 401: the application's own key decides, whatever the exporter holds.
     let unauthorized = client
@@ -506,13 +508,14 @@ async fn answers_are_identical_to_direct_calls_and_observed_once() {
         })
         .collect();
     assert_eq!(rejected, [&RejectReason::ContentModeration]);
-    let answers: Vec<(String, u16)> = events
+    let mut answers: Vec<(String, u16)> = events
         .iter()
         .filter_map(|e| match e {
             Event::Answer(_, a) => Some((a.task_id.clone(), a.status)),
             _ => None,
         })
         .collect();
+    answers.sort();
     assert_eq!(
         answers,
         [("task-cat".into(), 200), ("unknown-id".into(), 404)]
