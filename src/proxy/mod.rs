@@ -226,6 +226,7 @@ impl ProviderProxy {
         crate::upstream::install_crypto_provider();
         // Redirects go back to the application as they are: following one would send its
         // key to wherever the `Location` points.
+        // reqwest adds `Accept: */*` to a request that has no `Accept`, which means the same.
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(settings.timeout.min(Duration::from_secs(10)))
