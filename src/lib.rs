@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod persist;
 pub mod poller;
 pub mod providers;
+pub mod proxy;
 pub mod registry;
 pub mod reshard;
 pub mod secret;
