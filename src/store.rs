@@ -221,6 +221,19 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Drops a database; redb may panic while closing a corrupt file.
+fn close(db: Option<Arc<Database>>) {
+    if catch_unwind(AssertUnwindSafe(move || drop(db))).is_err() {
+        tracing::warn!("the state store failed while closing");
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        close(self.db.get_mut().map(Option::take).unwrap_or_default());
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store in directory `dir`. An empty (0-byte) or corrupt file is
     /// refused, unless [`set_start_fresh`] allowed starting over.
@@ -345,7 +358,8 @@ impl Store {
     /// that was ever acknowledged.
     pub fn reopen(&self) -> Result<(), StoreError> {
         // Dropped first: the file is locked while open.
-        self.db.write().expect("store lock").take();
+        let old = self.db.write().expect("store lock").take();
+        close(old);
         self.open_db(false)
     }
 
@@ -395,7 +409,9 @@ impl Store {
             source,
         })?;
         *self.opened.lock().expect("store lock") = Some(FileId::of(&id));
-        *self.db.write().expect("store lock") = Some(Arc::new(new));
+        let old_handle = self.db.write().expect("store lock").replace(Arc::new(new));
+        drop(old);
+        close(old_handle);
         Ok(copied)
     }
 
