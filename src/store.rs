@@ -280,8 +280,8 @@ impl Store {
 
     fn bad_row(&self, table: &str, key: &str) -> StoreError {
         self.corrupt(format!(
-            "row {:?} of table {table} fails its checksum",
-            key.escape_debug().to_string()
+            "row \"{}\" of table {table} fails its checksum",
+            key.escape_debug()
         ))
     }
 
@@ -739,5 +739,101 @@ mod tests {
         assert_eq!(store.expire_tombstones(41).unwrap(), 0);
         assert_eq!(store.expire_tombstones(43).unwrap(), 1);
         assert!(store.load().unwrap().tombstones.is_empty());
+    }
+
+    #[test]
+    fn schema_1_stores_are_migrated_with_checksums() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut meta = txn.open_table(META).unwrap();
+                meta.insert("schema_version", 1).unwrap();
+                let mut tasks = txn.open_table(TASKS).unwrap();
+                tasks
+                    .insert(task_key("mx", "a").as_str(), [1u8, 2].as_slice())
+                    .unwrap();
+                let mut stones = txn.open_table(TOMBSTONES_V1).unwrap();
+                stones.insert(task_key("mx", "z").as_str(), 42).unwrap();
+                let mut counters = txn.open_table(COUNTERS).unwrap();
+                counters.insert("c", [9u8].as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let snap = store.load().unwrap();
+        assert_eq!(snap.tasks, vec![(task_key("mx", "a"), vec![1, 2])]);
+        assert_eq!(snap.tombstones, vec![(task_key("mx", "z"), 42)]);
+        assert_eq!(snap.counters, vec![("c".to_string(), vec![9])]);
+        drop(store);
+        // Opened again: already schema 2, nothing rewritten twice.
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.load().unwrap().tasks.len(), 1);
+    }
+
+    #[test]
+    fn a_row_failing_its_checksum_is_named() {
+        assert_eq!(
+            crc32(&[b"123456789"]),
+            0xCBF4_3926,
+            "the CRC-32 check value"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .commit(&Batch {
+                put_counters: vec![("c\u{1f}mx".into(), 1.0f64.to_le_bytes().to_vec())],
+                ..Batch::default()
+            })
+            .unwrap();
+        {
+            let db = store.db().unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut counters = txn.open_table(COUNTERS).unwrap();
+                let mut row = seal("c\u{1f}mx", &1.0f64.to_le_bytes());
+                row[6] ^= 0x01; // 1.0 becomes 1.0000000000000002 or so
+                counters.insert("c\u{1f}mx", row.as_slice()).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let err = store.load_counters().unwrap_err().to_string();
+        assert!(
+            err.contains("table counters") && err.contains("c\\u{1f}mx"),
+            "{err}"
+        );
+        assert!(err.contains(&store.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn an_empty_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(DB_FILE), b"").unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Empty { .. }), "{err}");
+        assert!(err.to_string().contains("state.redb"), "{err}");
+    }
+
+    #[test]
+    fn a_deleted_file_is_noticed_and_recreated_from_the_open_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .commit(&Batch {
+                put_tasks: vec![(task_key("mx", "a"), vec![7])],
+                put_tombstones: vec![(task_key("mx", "z"), 5)],
+                ..Batch::default()
+            })
+            .unwrap();
+        assert!(!store.is_replaced());
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        assert!(store.is_replaced());
+        assert_eq!(store.recreate().unwrap(), 2);
+        assert!(!store.is_replaced());
+        drop(store);
+        let again = Store::open(dir.path()).unwrap().load().unwrap();
+        assert_eq!(again.tasks, vec![(task_key("mx", "a"), vec![7])]);
+        assert_eq!(again.tombstones, vec![(task_key("mx", "z"), 5)]);
     }
 }
