@@ -120,10 +120,11 @@ pub async fn register(
     let Some(tasks) = app.registry.provider(&registration.provider) else {
         return error(StatusCode::NOT_FOUND, "unknown provider");
     };
-    if !app.durability.is_up() {
-        if let Err(refusal) = durable(&app).await {
-            return refusal;
-        }
+    // Refused before anything changes while the store is down.
+    if !app.durability.is_up()
+        && let Err(refusal) = durable(&app).await
+    {
+        return refusal;
     }
     let now = now_millis();
     let mut result = RegistrationResult::default();
