@@ -512,3 +512,29 @@ fn release_freed_memory() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_work_keeps_the_latest_state_of_each_row() {
+        let mut held = Held::default();
+        held.absorb(Batch {
+            put_tasks: vec![("a".into(), vec![1]), ("b".into(), vec![1])],
+            delete_tasks: vec!["b".into()],
+            put_tombstones: vec![("b".into(), 5)],
+            ..Batch::default()
+        });
+        // A later batch: `a` changes again, `b` was deleted before and is written again.
+        held.absorb(Batch {
+            put_tasks: vec![("a".into(), vec![2]), ("b".into(), vec![3])],
+            delete_tombstones: vec!["b".into()],
+            ..Batch::default()
+        });
+        assert_eq!(held.rows(), 3, "one entry per key, however many batches");
+        assert_eq!(held.tasks["a"], Some(vec![2]));
+        assert_eq!(held.tasks["b"], Some(vec![3]));
+        assert_eq!(held.tombstones["b"], None);
+    }
+}
