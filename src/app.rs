@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use crate::config::{self, ConfigError, Overrides, ProviderSettings, ProviderType, Settings};
 use crate::discovery;
 use crate::metrics::Metrics;
-use crate::persist::Persister;
+use crate::persist::{Durability, Persister};
 use crate::poller;
 use crate::providers::{Adapter, apimall::Apimall, maxapi::Maxapi};
 use crate::registry::{ProviderTasks, Registry};
@@ -85,6 +85,8 @@ pub struct ProviderSummary {
 pub struct App {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    /// Commit progress: handlers wait on it before a 2xx.
+    pub durability: Arc<Durability>,
     store: Arc<Store>,
     http: reqwest::Client,
     settings: RwLock<Arc<Settings>>,
@@ -149,10 +151,17 @@ impl App {
         let store = Arc::new(store);
         metrics.restore(&counters);
 
-        let persister = Persister::new(store.clone(), registry.clone(), metrics.clone());
+        let durability = Durability::new();
+        let persister = Persister::new(
+            store.clone(),
+            registry.clone(),
+            metrics.clone(),
+            durability.clone(),
+        );
         let app = Arc::new(App {
             registry,
             metrics,
+            durability,
             store,
             http: build_client(),
             settings: RwLock::new(Arc::new(settings.clone())),
@@ -406,9 +415,10 @@ impl App {
         }
     }
 
-    /// Ready: state loaded and every provider polled once.
+    /// Ready: state loaded, the store commits, and every provider polled once.
     pub fn is_ready(&self) -> bool {
         self.loaded.load(Ordering::SeqCst)
+            && self.durability.is_up()
             && self
                 .runtimes
                 .read()
@@ -466,12 +476,21 @@ impl App {
             h.abort();
         }
         let mut persister = self.persister.lock().await;
+        let mut saved = false;
         for _ in 0..3 {
-            if persister.flush_all().await {
+            saved = persister.flush_all().await;
+            if saved {
                 break;
             }
         }
-        tracing::info!("state saved");
+        if saved {
+            tracing::info!("state saved");
+        } else {
+            tracing::error!(
+                pending_rows = persister.pending_rows(),
+                "final state commit failed: changes since the last commit are lost"
+            );
+        }
     }
 
     /// Commits pending changes now (tests and shutdown).

@@ -62,6 +62,10 @@ struct Cli {
         global = true
     )]
     shard_count: Option<u32>,
+    /// Start over with an empty state store when the one at state.path is empty (0 bytes)
+    /// or corrupt, instead of refusing to start; the old file is kept, renamed.
+    #[arg(long = "state.start-fresh", global = true)]
+    start_fresh: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -100,6 +104,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_level, cli.log_format);
+    genai_task_exporter::store::set_start_fresh(cli.start_fresh);
     let overrides = Overrides {
         listen_address: cli.listen_address.clone(),
         shard_index: cli.shard_index,

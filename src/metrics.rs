@@ -633,6 +633,7 @@ pub struct Metrics {
     pub reload_successful: IntGauge,
     pub reload_success_timestamp: Gauge,
     pub store_errors: IntCounterVec,
+    store_up: IntGauge,
     pub shard_info: IntGaugeVec,
     /// Providers currently configured; series of others are left off the page.
     active: RwLock<HashSet<String>>,
@@ -690,6 +691,14 @@ impl Metrics {
         .expect("valid metric");
         prom.register(Box::new(reload_successful.clone()))
             .expect("unique metric");
+        let store_up = IntGauge::new(
+            "genai_exporter_store_up",
+            "1 while the embedded store commits, 0 while it cannot (disk full, I/O error).",
+        )
+        .expect("valid metric");
+        prom.register(Box::new(store_up.clone()))
+            .expect("unique metric");
+        store_up.set(1);
         let reload_success_timestamp = Gauge::new(
             "genai_exporter_config_last_reload_success_timestamp_seconds",
             "Time of the last successful configuration load.",
@@ -727,6 +736,7 @@ impl Metrics {
             ),
             reload_successful,
             reload_success_timestamp,
+            store_up,
             store_errors: counter_vec(
                 &prom,
                 "genai_exporter_store_errors_total",
@@ -761,6 +771,11 @@ impl Metrics {
         self.shard_info
             .with_label_values(&[&index.to_string(), &count.to_string()])
             .set(1);
+    }
+
+    /// Whether the embedded store commits (`genai_exporter_store_up`).
+    pub fn set_store_up(&self, up: bool) {
+        self.store_up.set(i64::from(up));
     }
 
     /// Restores counter totals saved in the store.

@@ -48,6 +48,8 @@ const CONTRACT_METRICS = [
   "genai_exporter_config_last_reload_successful",
   "genai_exporter_config_last_reload_success_timestamp_seconds",
   "genai_exporter_shard_info",
+  "genai_exporter_store_up",
+  "genai_exporter_store_errors_total",
 ];
 const CONTRACT_HISTOGRAMS = [
   "genai_task_completion_latency_seconds",

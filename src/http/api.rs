@@ -3,11 +3,13 @@
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 use super::{AppState, authorize};
+use crate::persist::NotDurable;
 use crate::registry::{Source, TaskView, TrackOutcome};
 use crate::task::{Status, now_millis};
 
@@ -15,6 +17,10 @@ use crate::task::{Status, now_millis};
 pub const MAX_IDS_PER_CALL: usize = 10_000;
 const DEFAULT_LIST_LIMIT: usize = 100;
 const MAX_LIST_LIMIT: usize = 10_000;
+/// Longest a registration or callback waits for the commit holding it (commits take
+/// milliseconds; a slow disk answers 503 rather than hold callers).
+const DURABLE_WAIT: Duration = Duration::from_secs(5);
+const RETRY_AFTER_SECS: &str = "5";
 
 #[derive(Debug, Deserialize)]
 pub struct ListQuery {
@@ -30,6 +36,26 @@ struct TaskList {
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+/// Waits until the registry's changes so far are committed; a 503 with `Retry-After` when
+/// the store is down or slow, so that a 2xx always means durable.
+pub(super) async fn durable(app: &AppState) -> Result<(), Response> {
+    match app.durability.wait(DURABLE_WAIT).await {
+        Ok(()) => Ok(()),
+        Err(why) => {
+            let message = match why {
+                NotDurable::StoreDown => "state store cannot commit; retry later",
+                NotDurable::TimedOut => "state store commit is slow; retry later",
+            };
+            let mut response = error(StatusCode::SERVICE_UNAVAILABLE, message);
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+            Err(response)
+        }
+    }
 }
 
 pub async fn list(State(app): State<AppState>, Query(q): Query<ListQuery>) -> Response {
@@ -94,6 +120,12 @@ pub async fn register(
     let Some(tasks) = app.registry.provider(&registration.provider) else {
         return error(StatusCode::NOT_FOUND, "unknown provider");
     };
+    // Refused before anything changes while the store is down.
+    if !app.durability.is_up()
+        && let Err(refusal) = durable(&app).await
+    {
+        return refusal;
+    }
     let now = now_millis();
     let mut result = RegistrationResult::default();
     for id in &registration.task_ids {
@@ -107,6 +139,9 @@ pub async fn register(
     }
     if result.added > 0 {
         tracing::debug!(provider = %registration.provider, added = result.added, "tasks registered");
+    }
+    if let Err(refusal) = durable(&app).await {
+        return refusal;
     }
     (StatusCode::OK, Json(result)).into_response()
 }
@@ -123,6 +158,9 @@ pub async fn remove(
         return error(StatusCode::NOT_FOUND, "unknown provider");
     };
     if tasks.untrack(&task_id, now_millis()) {
+        if let Err(refusal) = durable(&app).await {
+            return refusal;
+        }
         StatusCode::NO_CONTENT.into_response()
     } else {
         error(StatusCode::NOT_FOUND, "task not tracked")

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::AppState;
+use super::api::durable;
 use crate::registry::{Source, TrackOutcome};
 use crate::task::now_millis;
 
@@ -75,6 +76,9 @@ pub async fn receive(
         }
         TrackOutcome::Remembered => {
             count(&provider, "already_finished");
+            if let Err(refusal) = durable(&app).await {
+                return refusal;
+            }
             return (StatusCode::OK, "task already finished\n").into_response();
         }
         TrackOutcome::New | TrackOutcome::Known => {}
@@ -82,5 +86,8 @@ pub async fn receive(
     tasks.observe(&observation, now);
     tasks.poll_soon(&observation.task_id, now);
     count(&provider, "accepted");
+    if let Err(refusal) = durable(&app).await {
+        return refusal;
+    }
     (StatusCode::OK, "accepted\n").into_response()
 }
