@@ -6,7 +6,7 @@ use std::sync::MutexGuard;
 use super::compact::TaskId;
 use super::record::{DecodeError, decode_task};
 use super::schedule::Next;
-use super::table::{COUNTED, Inner, NO_TIME, id_hash};
+use super::table::{COUNTED, Inner, NO_TIME, id_hash, slot_hasher};
 
 /// Restores many records under one lock; see [`ProviderTasks::restorer`](super::ProviderTasks::restorer).
 pub struct Restorer<'a> {
@@ -18,10 +18,9 @@ impl Restorer<'_> {
     pub fn reserve(&mut self, additional: usize) {
         let inner = &mut *self.inner;
         inner.slots.reserve(additional);
-        let (slots, hasher) = (&inner.slots, &inner.hasher);
-        inner.index.reserve(additional, |&s| {
-            hasher.hash_one(&slots[s as usize].as_ref().expect("indexed slot is live").id)
-        });
+        inner
+            .index
+            .reserve(additional, slot_hasher(&inner.slots, &inner.hasher));
     }
 
     /// Like [`ProviderTasks::restore_task`](super::ProviderTasks::restore_task).

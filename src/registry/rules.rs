@@ -32,6 +32,8 @@ const NOT_FOUND_MIN_SPAN_MS: i64 = 60_000;
 const TOMBSTONE_SWEEP_MS: i64 = 60_000;
 
 impl Inner {
+    /// Starts tracking `id`, counting its discovery once. An id already tracked, or
+    /// remembered by a tombstone, is not tracked again: counting follows tracking.
     pub(super) fn track(&mut self, id: &str, source: Source, now: i64) -> TrackOutcome {
         if !is_valid_task_id(id) {
             return TrackOutcome::Invalid;
@@ -52,7 +54,7 @@ impl Inner {
             return TrackOutcome::Remembered;
         }
         if !self.shard.owns(&self.provider, id) {
-            return TrackOutcome::NotOwned;
+            return TrackOutcome::NotOwned; // another replica counts it
         }
         let slot = self.insert(task_id, hash, source, now, true);
         self.set_state(slot, 0, Status::Unknown, None);
@@ -62,12 +64,14 @@ impl Inner {
     }
 
     /// A callback (or any answer not taken from the schedule).
+    #[inline]
     pub(super) fn observe(&mut self, slot: u32, obs: &Observation, now: i64) {
         self.apply(slot, obs, now);
         self.plan_next_poll(slot, Next::Answered, now);
     }
 
     /// The answer to a poll taken with `take_due`.
+    #[inline]
     pub(super) fn record_poll(
         &mut self,
         slot: u32,
@@ -79,6 +83,7 @@ impl Inner {
         t.polls = t.polls.saturating_add(1);
         match answer {
             Ok(obs) => {
+                // An answer ends a run of "not found" and clears the last error.
                 let t = self.task_mut(slot);
                 t.not_found = 0;
                 t.set_not_found_since(0);

@@ -205,6 +205,7 @@ impl Task {
     }
 }
 
+/// One provider's tasks and everything derived from them, behind `ProviderTasks`' lock.
 #[derive(Debug)]
 pub(super) struct Inner {
     pub(super) policy: Policy,
@@ -370,10 +371,8 @@ impl Inner {
                 (self.slots.len() - 1) as u32
             }
         };
-        let (slots, hasher) = (&self.slots, &self.hasher);
-        self.index.insert_unique(hash, slot, |&s| {
-            hasher.hash_one(&slots[s as usize].as_ref().expect("indexed slot is live").id)
-        });
+        self.index
+            .insert_unique(hash, slot, slot_hasher(&self.slots, &self.hasher));
         // Counted as unknown/unknown until `set_state` says otherwise.
         self.counts[0][Status::Unknown.index()] += 1;
         if dirty {
@@ -381,6 +380,14 @@ impl Inner {
         }
         slot
     }
+}
+
+/// Hashes the id in an indexed slot: what `index` needs to move its entries when it grows.
+pub(super) fn slot_hasher<'a>(
+    slots: &'a [Option<Task>],
+    hasher: &'a RandomState,
+) -> impl Fn(&u32) -> u64 + 'a {
+    move |&s| hasher.hash_one(&slots[s as usize].as_ref().expect("indexed slot is live").id)
 }
 
 /// A stable 64-bit hash of a task id, for the tombstone set (SipHash with fixed keys:
