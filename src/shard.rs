@@ -5,6 +5,8 @@
 //! jump consistent hash, which moves only about 1/N of the tasks when the count goes from
 //! N-1 to N. Both are fixed forever: changing them would move every task.
 
+use crate::config::Shard;
+
 /// FNV-1a, 64-bit.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -35,6 +37,13 @@ pub fn shard_of(provider: &str, task_id: &str, count: u32) -> u32 {
     key.push(0);
     key.extend_from_slice(task_id.as_bytes());
     jump_hash(fnv1a64(&key), count)
+}
+
+impl Shard {
+    /// Whether this shard owns `provider`/`id`.
+    pub fn owns(&self, provider: &str, id: &str) -> bool {
+        self.count <= 1 || shard_of(provider, id, self.count) == self.index
+    }
 }
 
 #[cfg(test)]

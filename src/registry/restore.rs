@@ -1,0 +1,80 @@
+//! Start-up: tasks and tombstones read back from the store.
+
+use std::hash::BuildHasher;
+use std::sync::MutexGuard;
+
+use super::compact::TaskId;
+use super::record::{DecodeError, decode_task};
+use super::schedule::Next;
+use super::table::{COUNTED, Inner, NO_TIME, id_hash, slot_hasher};
+
+/// Restores many records under one lock; see [`ProviderTasks::restorer`](super::ProviderTasks::restorer).
+pub struct Restorer<'a> {
+    pub(super) inner: MutexGuard<'a, Inner>,
+}
+
+impl Restorer<'_> {
+    /// Makes room for `additional` more tasks (start-up knows how many rows there are).
+    pub fn reserve(&mut self, additional: usize) {
+        let inner = &mut *self.inner;
+        inner.slots.reserve(additional);
+        inner
+            .index
+            .reserve(additional, slot_hasher(&inner.slots, &inner.hasher));
+    }
+
+    /// Like [`ProviderTasks::restore_task`](super::ProviderTasks::restore_task).
+    pub fn task(&mut self, id: &str, record: &[u8], now: i64) -> Result<(), DecodeError> {
+        let inner = &mut *self.inner;
+        let d = decode_task(record)?;
+        let task_id = TaskId::new(id);
+        let hash = inner.hasher.hash_one(&task_id);
+        if inner.find_hashed(hash, &task_id).is_some() {
+            return Ok(()); // restored already
+        }
+        let model = inner.models.intern(d.model);
+        // Restored tasks match their record: not dirty.
+        let slot = inner.insert(task_id, hash, d.source, d.first_seen, false);
+        {
+            let Inner { slots, words, .. } = &mut *inner;
+            let t = slots[slot as usize].as_mut().expect("just inserted");
+            t.set_upstream_status(words, d.upstream_status);
+            t.created_at = or_no_time(d.created_at);
+            t.updated_at = or_no_time(d.updated_at);
+            t.completed_at = or_no_time(d.completed_at);
+            t.last_polled = or_no_time(d.last_polled);
+            t.polls = d.polls;
+            t.not_found = d.not_found;
+            if d.not_found > 0 {
+                t.set_not_found_since(d.not_found_since);
+            }
+            t.set(COUNTED, d.counted);
+            t.credits_used = d.credits_used;
+            t.credits_refunded = d.credits_refunded;
+            t.failure_reason = d.failure_reason;
+            t.finished_at = or_no_time(d.finished_at);
+            t.set_error_message(d.error_message);
+            t.set_last_error(d.last_error);
+        }
+        inner.set_state(slot, model, d.status, None);
+        if d.status.is_terminal() {
+            // Finished tasks come back for the rest of their retention.
+            inner.retain_until(
+                slot,
+                d.finished_at.unwrap_or(now) + inner.policy.retention_ms,
+            );
+        } else {
+            inner.plan_next_poll(slot, Next::Restored, now);
+        }
+        Ok(())
+    }
+
+    /// Like [`ProviderTasks::restore_tombstone`](super::ProviderTasks::restore_tombstone).
+    pub fn tombstone(&mut self, id: &str, last_seen: i64) {
+        self.inner.tombstones.insert(id_hash(id), last_seen);
+    }
+}
+
+fn or_no_time(t: Option<i64>) -> i64 {
+    t.unwrap_or(NO_TIME)
+}
