@@ -9,7 +9,10 @@
 //! counts to the `store` and then publishes them to `metrics`, which `http` serves.
 //! `web` puts TLS, basic auth and response headers in front of the `http` router.
 
+pub mod account;
 pub mod app;
+pub mod background;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod discovery;
@@ -24,6 +27,7 @@ pub mod reshard;
 pub mod secret;
 pub mod shard;
 pub mod simulator;
+pub mod startup;
 pub mod store;
 pub mod task;
 pub mod upstream;
