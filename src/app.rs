@@ -264,10 +264,15 @@ impl App {
         }
 
         for p in &settings.providers {
-            if let Some(rt) = runtimes.get(&p.name) {
-                if same_runtime(&rt.settings, p) {
-                    continue;
-                }
+            if runtimes
+                .get(&p.name)
+                .is_some_and(|rt| same_runtime(&rt.settings, p))
+            {
+                continue;
+            }
+            // Out of the map before it stops: should starting the new one fail, the next
+            // reload starts it instead of keeping a stopped runtime.
+            if let Some(rt) = runtimes.remove(&p.name) {
                 rt.stop();
                 tracing::info!(provider = %p.name, "provider changed; restarting its pollers");
             }

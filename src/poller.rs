@@ -104,3 +104,33 @@ async fn poll_one(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Polling;
+    use crate::registry::{Registry, Source};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_is_taken_when_due_on_the_clock_and_not_before() {
+        let clock = Clock::tokio();
+        let registry = Registry::new(50, Default::default());
+        let tasks = registry.provider_or_insert("p", &Polling::default());
+        tasks.track("t1", Source::Static, clock.now_millis());
+        assert_eq!(&*next_due(&tasks, clock).await, "t1");
+
+        let err = PollError {
+            class: None,
+            message: "request timed out".into(),
+        };
+        tasks.record_poll("t1", Err(&err), clock.now_millis());
+        let due = tasks.next_due().expect("rescheduled");
+        let wait = Duration::from_millis((due - clock.now_millis()) as u64);
+        assert!(wait > Duration::from_millis(2), "{wait:?}");
+        let taken = tokio::spawn(async move { next_due(&tasks, clock).await });
+        tokio::time::sleep(wait - Duration::from_millis(1)).await;
+        assert!(!taken.is_finished(), "taken before it was due");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(&*taken.await.unwrap(), "t1");
+    }
+}

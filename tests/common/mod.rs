@@ -17,9 +17,10 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
 use genai_task_exporter::app::App;
 use genai_task_exporter::config::{self, Overrides};
+use genai_task_exporter::registry::Source;
 use genai_task_exporter::simulator::GroundTruth;
 use genai_task_exporter::startup::{Application, Options};
-use genai_task_exporter::task::{FailureReason, Status};
+use genai_task_exporter::task::{FailureReason, Status, now_millis};
 
 // ---------------------------------------------------------------------------------------
 // Fake upstream
@@ -113,6 +114,21 @@ impl FakeUpstream {
             .filter(|(p, _, _)| p == path)
             .map(|(_, t, _)| *t)
             .collect()
+    }
+
+    /// Waits until `path` has been requested `more` times beyond the requests seen so far:
+    /// the positive event after which "nothing else happened" can be asserted (a poller
+    /// that went round again had every chance to send what it must not).
+    pub async fn wait_for_more_hits(&self, path: &str, more: usize, timeout: Duration) {
+        let target = self.hits(path).len() + more;
+        let deadline = Instant::now() + timeout;
+        while self.hits(path).len() < target {
+            assert!(
+                Instant::now() < deadline,
+                "{path} was not requested {more} more time(s) within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Authorization headers seen, all paths.
@@ -259,6 +275,23 @@ impl Exporter {
             stop,
             scheme,
         }
+    }
+
+    /// Tracks `id` for `provider` as the registration API would: a canary whose polls show
+    /// that the provider's poller keeps going round.
+    pub fn track(&self, provider: &str, id: &str) {
+        self.app
+            .with_runtime(provider, |rt| rt.tasks.track(id, Source::Api, now_millis()))
+            .expect("provider runs");
+    }
+
+    /// Stops tracking `id` (a canary no longer needed).
+    pub fn untrack(&self, provider: &str, id: &str) {
+        let untracked = self
+            .app
+            .with_runtime(provider, |rt| rt.tasks.untrack(id, now_millis()))
+            .expect("provider runs");
+        assert!(untracked, "{id} was tracked");
     }
 
     pub fn url(&self, path: &str) -> String {
