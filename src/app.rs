@@ -114,6 +114,8 @@ pub struct App {
 /// One run of a provider's background task, restarted by `background::spawn_supervised`
 /// after a panic.
 type BoxedRun = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// Builds a new run of a background task.
+type MakeRun = Box<dyn FnMut() -> BoxedRun + Send>;
 
 /// Re-reads something on reload; an error is reported like a configuration error.
 pub type ReloadHook = Box<dyn Fn() -> Result<(), ConfigError> + Send + Sync>;
@@ -308,35 +310,32 @@ impl App {
         tasks.reschedule_unscheduled(clock.now_millis());
         discovery::track_static(&tasks, &p.tasks, clock);
 
+        // Each task is built again by its closure when it restarts after a panic.
         let metrics = &self.metrics;
-        let spawn = |task: Task, make: Box<dyn FnMut() -> BoxedRun + Send>| {
+        let supervised = |task: Task, make: MakeRun| {
             background::spawn_supervised(task, &p.name, metrics.clone(), make)
         };
-        let mut handles = Vec::new();
-        {
+        let mut handles = vec![supervised(Task::Poller, {
             let (tasks, upstream, adapter, metrics) = (
                 tasks.clone(),
                 upstream.clone(),
                 adapter.clone(),
                 metrics.clone(),
             );
-            handles.push(spawn(
-                Task::Poller,
-                Box::new(move || {
-                    Box::pin(poller::run(
-                        tasks.clone(),
-                        upstream.clone(),
-                        adapter.clone(),
-                        metrics.clone(),
-                        clock,
-                    ))
-                }),
-            ));
-        }
+            Box::new(move || {
+                Box::pin(poller::run(
+                    tasks.clone(),
+                    upstream.clone(),
+                    adapter.clone(),
+                    metrics.clone(),
+                    clock,
+                ))
+            })
+        })];
         if !p.tasks.is_empty() {
             let (tasks, ids) = (tasks.clone(), p.tasks.clone());
             let interval = crate::registry::remention_interval(&p.polling);
-            handles.push(spawn(
+            handles.push(supervised(
                 Task::Static,
                 Box::new(move || {
                     Box::pin(discovery::keep_static(
@@ -350,7 +349,7 @@ impl App {
         }
         if !p.task_files.is_empty() {
             let (settings, tasks, metrics) = (p.clone(), tasks.clone(), metrics.clone());
-            handles.push(spawn(
+            handles.push(supervised(
                 Task::TaskFiles,
                 Box::new(move || {
                     Box::pin(discovery::watch_task_files(
@@ -371,7 +370,7 @@ impl App {
                 adapter.clone(),
                 metrics.clone(),
             );
-            handles.push(spawn(
+            handles.push(supervised(
                 Task::History,
                 Box::new(move || {
                     Box::pin(discovery::poll_history(
@@ -397,7 +396,7 @@ impl App {
                 adapter.clone(),
                 metrics.clone(),
             );
-            handles.push(spawn(
+            handles.push(supervised(
                 Task::Balance,
                 Box::new(move || {
                     Box::pin(account::poll_balance(
