@@ -9,7 +9,7 @@ use crate::upstream::{Endpoint, Upstream};
 
 /// Reads the account balance every `interval` into `genai_account_credits`. A failed read
 /// leaves the last value (the upstream client counts the failure).
-pub async fn poll_balance(
+pub(crate) async fn poll_balance(
     interval: Duration,
     provider: String,
     upstream: Arc<Upstream>,

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use tokio::task::JoinHandle;
 
 use crate::account;
-use crate::background::{self, Task, lock, read, write};
+use crate::background::{self, Worker, lock, read, write};
 use crate::clock::Clock;
 use crate::config::{self, ConfigError, Overrides, ProviderSettings, ProviderType, Settings};
 use crate::discovery;
@@ -229,7 +229,7 @@ impl App {
 
         let persister = app.persister.clone();
         *lock(&app.persister_task) = Some(background::spawn_supervised(
-            Task::Persister,
+            Worker::Persister,
             "",
             app.metrics.clone(),
             move || Persister::run(persister.clone()),
@@ -312,10 +312,10 @@ impl App {
 
         // Each task is built again by its closure when it restarts after a panic.
         let metrics = &self.metrics;
-        let supervised = |task: Task, make: MakeRun| {
+        let supervised = |task: Worker, make: MakeRun| {
             background::spawn_supervised(task, &p.name, metrics.clone(), make)
         };
-        let mut handles = vec![supervised(Task::Poller, {
+        let mut handles = vec![supervised(Worker::Poller, {
             let (tasks, upstream, adapter, metrics) = (
                 tasks.clone(),
                 upstream.clone(),
@@ -336,7 +336,7 @@ impl App {
             let (tasks, ids) = (tasks.clone(), p.tasks.clone());
             let interval = crate::registry::remention_interval(&p.polling);
             handles.push(supervised(
-                Task::Static,
+                Worker::Static,
                 Box::new(move || {
                     Box::pin(discovery::keep_static(
                         tasks.clone(),
@@ -350,7 +350,7 @@ impl App {
         if !p.task_files.is_empty() {
             let (settings, tasks, metrics) = (p.clone(), tasks.clone(), metrics.clone());
             handles.push(supervised(
-                Task::TaskFiles,
+                Worker::TaskFiles,
                 Box::new(move || {
                     Box::pin(discovery::watch_task_files(
                         settings.clone(),
@@ -371,7 +371,7 @@ impl App {
                 metrics.clone(),
             );
             handles.push(supervised(
-                Task::History,
+                Worker::History,
                 Box::new(move || {
                     Box::pin(discovery::poll_history(
                         history.clone(),
@@ -397,7 +397,7 @@ impl App {
                 metrics.clone(),
             );
             handles.push(supervised(
-                Task::Balance,
+                Worker::Balance,
                 Box::new(move || {
                     Box::pin(account::poll_balance(
                         interval,

@@ -20,9 +20,9 @@ const RESTART_MAX: Duration = Duration::from_secs(60);
 /// Panic messages are logged cut to this many bytes.
 const MAX_PANIC_TEXT: usize = 200;
 
-/// The background tasks (the `task` label: a fixed set).
+/// The background tasks (the `task` label of `genai_exporter_task_panics_total`: a fixed set).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Task {
+pub(crate) enum Worker {
     Poller,
     History,
     Balance,
@@ -31,15 +31,15 @@ pub enum Task {
     Persister,
 }
 
-impl Task {
-    pub fn as_str(self) -> &'static str {
+impl Worker {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
-            Task::Poller => "poller",
-            Task::History => "history",
-            Task::Balance => "balance",
-            Task::TaskFiles => "task_files",
-            Task::Static => "static",
-            Task::Persister => "persister",
+            Worker::Poller => "poller",
+            Worker::History => "history",
+            Worker::Balance => "balance",
+            Worker::TaskFiles => "task_files",
+            Worker::Static => "static",
+            Worker::Persister => "persister",
         }
     }
 }
@@ -47,8 +47,8 @@ impl Task {
 /// Spawns `make()` and, each time it panics, logs, counts and spawns it again after a
 /// back-off. Returns when a run ends normally; aborting the handle stops it for good.
 /// `scope` names the instance in logs (a provider name, or empty).
-pub fn spawn_supervised<F, Fut>(
-    task: Task,
+pub(crate) fn spawn_supervised<F, Fut>(
+    task: Worker,
     scope: &str,
     metrics: Arc<Metrics>,
     mut make: F,
@@ -76,8 +76,8 @@ where
 }
 
 /// Logs and counts a panic caught in `task`.
-pub fn report_panic(
-    task: Task,
+pub(crate) fn report_panic(
+    task: Worker,
     scope: &str,
     metrics: &Metrics,
     panic: &(dyn Any + Send),
@@ -100,17 +100,17 @@ pub fn report_panic(
 
 /// Locks `mutex`, recovering it when a panic poisoned it. Only for state that stays
 /// consistent whatever line panicked (values replaced whole, maps updated in one call).
-pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// [`lock`] for reading an `RwLock`.
-pub fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+pub(crate) fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// [`lock`] for writing an `RwLock`.
-pub fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+pub(crate) fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -134,7 +134,7 @@ mod tests {
         let metrics = metrics();
         let runs = Arc::new(AtomicU32::new(0));
         let counter = runs.clone();
-        let handle = spawn_supervised(Task::History, "am", metrics.clone(), move || {
+        let handle = spawn_supervised(Worker::History, "am", metrics.clone(), move || {
             let run = counter.fetch_add(1, Ordering::SeqCst) + 1;
             async move {
                 if run <= 3 {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 
-use crate::background::{self, Task};
+use crate::background::{self, Worker};
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::providers::{Adapter, FailureClass};
@@ -36,7 +36,7 @@ pub async fn run(
             let poll = poll_one(&tasks, reserved, &adapter, &id, clock);
             if let Err(panic) = std::panic::AssertUnwindSafe(poll).catch_unwind().await {
                 background::report_panic(
-                    Task::Poller,
+                    Worker::Poller,
                     tasks.name(),
                     &metrics,
                     panic.as_ref(),

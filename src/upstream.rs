@@ -78,7 +78,7 @@ pub struct Answer {
 /// Why [`Upstream::call`] returned no value. Both kinds are already counted and reflected in
 /// the provider's health when the caller sees them.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum CallError {
+pub(crate) enum CallError {
     /// No HTTP answer.
     #[error(transparent)]
     Transport(#[from] TransportError),
@@ -90,14 +90,14 @@ pub enum CallError {
 /// A concurrency permit of one provider's upstream, taken before the caller commits to a
 /// request (the poller takes one before it takes a due task from the schedule).
 #[derive(Debug)]
-pub struct Reserved {
+pub(crate) struct Reserved {
     upstream: Arc<Upstream>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl Reserved {
     /// [`Upstream::call`] under this permit, which is released when the call returns.
-    pub async fn call<T>(
+    pub(crate) async fn call<T>(
         self,
         endpoint: Endpoint,
         path: &str,
@@ -247,7 +247,7 @@ impl Upstream {
     }
 
     /// Waits for a concurrency permit (one of `max_concurrency`).
-    pub async fn reserve(self: &Arc<Self>) -> Reserved {
+    pub(crate) async fn reserve(self: &Arc<Self>) -> Reserved {
         let permit = self
             .permits
             .clone()
@@ -263,7 +263,7 @@ impl Upstream {
     /// One request, whole: waits for a concurrency permit, sends `GET base_url + path`, hands
     /// the answer to `parse`, and records the outcome (request and error metrics, provider
     /// health). The only way requests reach the provider.
-    pub async fn call<T>(
+    pub(crate) async fn call<T>(
         self: &Arc<Self>,
         endpoint: Endpoint,
         path: &str,

@@ -432,6 +432,7 @@ fn catches_sighup(pid: u32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_during_start_up_does_not_kill_the_binary() {
     use std::io::BufRead;
+    genai_task_exporter::upstream::install_crypto_provider();
     let fake = FakeUpstream::start().await;
     fake.script(
         "/api/v1/task/t-one",
