@@ -9,6 +9,9 @@ use std::time::SystemTime;
 
 use tokio::task::JoinHandle;
 
+use crate::account;
+use crate::background::{self, Worker, lock, read, write};
+use crate::clock::Clock;
 use crate::config::{self, ConfigError, Overrides, ProviderSettings, ProviderType, Settings};
 use crate::discovery;
 use crate::metrics::Metrics;
@@ -22,6 +25,11 @@ use crate::upstream::{Upstream, UpstreamStatus, build_client};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("state store task failed: {0}")]
@@ -101,7 +109,15 @@ pub struct App {
     reload_lock: tokio::sync::Mutex<()>,
     /// Other files re-read with the configuration (the web configuration).
     reload_hooks: Mutex<Vec<ReloadHook>>,
+    /// Drives the pollers' and discovery loops' schedules.
+    clock: Clock,
 }
+
+/// One run of a provider's background task, restarted by `background::spawn_supervised`
+/// after a panic.
+type BoxedRun = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// Builds a new run of a background task.
+type MakeRun = Box<dyn FnMut() -> BoxedRun + Send>;
 
 /// Re-reads something on reload; an error is reported like a configuration error.
 pub type ReloadHook = Box<dyn Fn() -> Result<(), ConfigError> + Send + Sync>;
@@ -112,6 +128,16 @@ impl App {
         settings: Settings,
         config_path: Option<PathBuf>,
         overrides: Overrides,
+    ) -> Result<Arc<App>, StartError> {
+        App::start_with_clock(settings, config_path, overrides, Clock::system()).await
+    }
+
+    /// [`App::start`] with the schedules driven by `clock`.
+    pub async fn start_with_clock(
+        settings: Settings,
+        config_path: Option<PathBuf>,
+        overrides: Overrides,
+        clock: Clock,
     ) -> Result<Arc<App>, StartError> {
         let registry = Arc::new(Registry::new(
             settings.max_models_per_provider,
@@ -173,6 +199,7 @@ impl App {
             overrides,
             reload_lock: tokio::sync::Mutex::new(()),
             reload_hooks: Mutex::new(Vec::new()),
+            clock,
         });
 
         // Rows are read in place, straight into the registry (rows of providers no longer
@@ -209,20 +236,25 @@ impl App {
             .reload_success_timestamp
             .set(unix_seconds(SystemTime::now()));
 
-        *app.persister_task.lock().expect("persister lock") =
-            Some(tokio::spawn(Persister::run(app.persister.clone())));
+        let persister = app.persister.clone();
+        *lock(&app.persister_task) = Some(background::spawn_supervised(
+            Worker::Persister,
+            "",
+            app.metrics.clone(),
+            move || Persister::run(persister.clone()),
+        ));
         app.loaded.store(true, Ordering::SeqCst);
         Ok(app)
     }
 
     pub fn settings(&self) -> Arc<Settings> {
-        self.settings.read().expect("settings lock").clone()
+        read(&self.settings).clone()
     }
 
     /// Starts, restarts or stops provider runtimes to match `settings`. Tasks of providers
     /// that stay are kept; counters are never touched.
     fn apply(&self, settings: &Settings) {
-        let mut runtimes = self.runtimes.write().expect("runtimes lock");
+        let mut runtimes = write(&self.runtimes);
         let wanted: HashMap<&str, &ProviderSettings> = settings
             .providers
             .iter()
@@ -243,10 +275,15 @@ impl App {
         }
 
         for p in &settings.providers {
-            if let Some(rt) = runtimes.get(&p.name) {
-                if same_runtime(&rt.settings, p) {
-                    continue;
-                }
+            if runtimes
+                .get(&p.name)
+                .is_some_and(|rt| same_runtime(&rt.settings, p))
+            {
+                continue;
+            }
+            // Out of the map before it stops: should starting the new one fail, the next
+            // reload starts it instead of keeping a stopped runtime.
+            if let Some(rt) = runtimes.remove(&p.name) {
                 rt.stop();
                 tracing::info!(provider = %p.name, "provider changed; restarting its pollers");
             }
@@ -272,56 +309,114 @@ impl App {
         }
         let names: Vec<String> = settings.providers.iter().map(|p| p.name.clone()).collect();
         self.metrics.set_providers(&names);
-        *self.settings.write().expect("settings lock") = Arc::new(settings.clone());
+        *write(&self.settings) = Arc::new(settings.clone());
     }
 
     fn start_provider(&self, p: &ProviderSettings, tasks: Arc<ProviderTasks>) -> ProviderRuntime {
         let adapter = adapter_for(p);
         let upstream = Arc::new(Upstream::new(p, self.http.clone(), self.metrics.clone()));
-        tasks.reschedule_unscheduled(now_millis());
-        discovery::track_static(&tasks, &p.tasks);
+        let clock = self.clock;
+        tasks.reschedule_unscheduled(clock.now_millis());
+        discovery::track_static(&tasks, &p.tasks, clock);
 
-        let mut handles = vec![tokio::spawn(poller::run(
-            tasks.clone(),
-            upstream.clone(),
-            adapter.clone(),
-        ))];
-        if !p.tasks.is_empty() {
-            handles.push(tokio::spawn(discovery::keep_static(
+        // Each task is built again by its closure when it restarts after a panic.
+        let metrics = &self.metrics;
+        let supervised = |task: Worker, make: MakeRun| {
+            background::spawn_supervised(task, &p.name, metrics.clone(), make)
+        };
+        let mut handles = vec![supervised(Worker::Poller, {
+            let (tasks, upstream, adapter, metrics) = (
                 tasks.clone(),
-                p.tasks.clone(),
-                crate::registry::remention_interval(&p.polling),
-            )));
+                upstream.clone(),
+                adapter.clone(),
+                metrics.clone(),
+            );
+            Box::new(move || {
+                Box::pin(poller::run(
+                    tasks.clone(),
+                    upstream.clone(),
+                    adapter.clone(),
+                    metrics.clone(),
+                    clock,
+                ))
+            })
+        })];
+        if !p.tasks.is_empty() {
+            let (tasks, ids) = (tasks.clone(), p.tasks.clone());
+            let interval = crate::registry::remention_interval(&p.polling);
+            handles.push(supervised(
+                Worker::Static,
+                Box::new(move || {
+                    Box::pin(discovery::keep_static(
+                        tasks.clone(),
+                        ids.clone(),
+                        interval,
+                        clock,
+                    ))
+                }),
+            ));
         }
         if !p.task_files.is_empty() {
-            handles.push(tokio::spawn(discovery::watch_task_files(
-                p.clone(),
-                tasks.clone(),
-                self.metrics.clone(),
-            )));
+            let (settings, tasks, metrics) = (p.clone(), tasks.clone(), metrics.clone());
+            handles.push(supervised(
+                Worker::TaskFiles,
+                Box::new(move || {
+                    Box::pin(discovery::watch_task_files(
+                        settings.clone(),
+                        tasks.clone(),
+                        metrics.clone(),
+                        clock,
+                    ))
+                }),
+            ));
         }
         if let Some(history) = &p.history {
-            handles.push(tokio::spawn(discovery::poll_history(
+            let (history, name, tasks, upstream, adapter, metrics) = (
                 history.clone(),
                 p.name.clone(),
                 tasks.clone(),
                 upstream.clone(),
                 adapter.clone(),
-                self.metrics.clone(),
-            )));
+                metrics.clone(),
+            );
+            handles.push(supervised(
+                Worker::History,
+                Box::new(move || {
+                    Box::pin(discovery::poll_history(
+                        history.clone(),
+                        name.clone(),
+                        tasks.clone(),
+                        upstream.clone(),
+                        adapter.clone(),
+                        metrics.clone(),
+                        clock,
+                    ))
+                }),
+            ));
         }
         // The balance is one account-wide number: shard 0 alone asks for it. History
         // pages are read by every shard, each keeping the tasks it owns (another shard's
         // tasks would otherwise never be found).
         let balance_owner = self.registry.shard().index == 0;
         if let Some(interval) = p.balance_interval.filter(|_| balance_owner) {
-            handles.push(tokio::spawn(discovery::poll_balance(
-                interval,
+            let (name, upstream, adapter, metrics) = (
                 p.name.clone(),
                 upstream.clone(),
                 adapter.clone(),
-                self.metrics.clone(),
-            )));
+                metrics.clone(),
+            );
+            handles.push(supervised(
+                Worker::Balance,
+                Box::new(move || {
+                    Box::pin(account::poll_balance(
+                        interval,
+                        name.clone(),
+                        upstream.clone(),
+                        adapter.clone(),
+                        metrics.clone(),
+                    ))
+                }),
+            ));
         }
         tracing::info!(provider = %p.name, kind = p.kind.as_str(), base_url = %p.base_url, "provider started");
         ProviderRuntime {
@@ -337,7 +432,7 @@ impl App {
 
     /// Adds something to re-read on every reload, after the configuration file.
     pub fn on_reload(&self, hook: ReloadHook) {
-        self.reload_hooks.lock().expect("hooks lock").push(hook);
+        lock(&self.reload_hooks).push(hook);
     }
 
     /// Re-reads the configuration file and then runs the reload hooks. Each file that loads
@@ -347,7 +442,7 @@ impl App {
         let _guard = self.reload_lock.lock().await;
         let result = self.reload_config_file().await;
         let mut hook_error = None;
-        for hook in self.reload_hooks.lock().expect("hooks lock").iter() {
+        for hook in lock(&self.reload_hooks).iter() {
             if let Err(e) = hook() {
                 tracing::error!(error = %e, "reload failed; keeping the running web configuration");
                 hook_error.get_or_insert(e);
@@ -419,10 +514,7 @@ impl App {
     pub fn is_ready(&self) -> bool {
         self.loaded.load(Ordering::SeqCst)
             && self.durability.is_up()
-            && self
-                .runtimes
-                .read()
-                .expect("runtimes lock")
+            && read(&self.runtimes)
                 .values()
                 .all(ProviderRuntime::has_polled)
     }
@@ -433,15 +525,11 @@ impl App {
         provider: &str,
         f: impl FnOnce(&ProviderRuntime) -> T,
     ) -> Option<T> {
-        self.runtimes
-            .read()
-            .expect("runtimes lock")
-            .get(provider)
-            .map(f)
+        read(&self.runtimes).get(provider).map(f)
     }
 
     pub fn summaries(&self) -> Vec<ProviderSummary> {
-        let runtimes = self.runtimes.read().expect("runtimes lock");
+        let runtimes = read(&self.runtimes);
         let mut list: Vec<ProviderSummary> = runtimes
             .values()
             .map(|rt| {
@@ -469,10 +557,10 @@ impl App {
 
     /// Stops every provider and commits what is pending. Called once, at shutdown.
     pub async fn shutdown(&self) {
-        for rt in self.runtimes.read().expect("runtimes lock").values() {
+        for rt in read(&self.runtimes).values() {
             rt.stop();
         }
-        if let Some(h) = self.persister_task.lock().expect("persister lock").take() {
+        if let Some(h) = lock(&self.persister_task).take() {
             h.abort();
         }
         let mut persister = self.persister.lock().await;

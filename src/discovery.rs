@@ -1,17 +1,18 @@
-//! Discovery sources that run on their own: static ids, task files, apimall history, and
-//! the balance poll. (Webhooks and the registration API are HTTP routes in `http`.)
+//! Discovery sources that run on their own: static ids, task files and apimall history.
+//! (Webhooks and the registration API are HTTP routes in `http`.)
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
+use tokio::time::Instant;
+
+use crate::clock::Clock;
 use crate::config::{HistorySettings, ProviderSettings};
 use crate::metrics::Metrics;
-use crate::poller::interpret;
 use crate::providers::Adapter;
 use crate::registry::{ProviderTasks, Source, TrackOutcome, remention_interval};
-use crate::task::now_millis;
 use crate::upstream::{Endpoint, Upstream};
 
 /// Page size of history requests (the documented maximum).
@@ -20,8 +21,8 @@ pub const HISTORY_PAGE_LIMIT: u32 = 50;
 const MAX_TASK_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Tracks the static ids of the configuration.
-pub fn track_static(tasks: &ProviderTasks, ids: &[String]) -> usize {
-    let now = now_millis();
+pub fn track_static(tasks: &ProviderTasks, ids: &[String], clock: Clock) -> usize {
+    let now = clock.now_millis();
     ids.iter()
         .filter(|id| tasks.track(id, Source::Static, now) == TrackOutcome::New)
         .count()
@@ -29,12 +30,17 @@ pub fn track_static(tasks: &ProviderTasks, ids: &[String]) -> usize {
 
 /// Mentions the static ids again every `interval` (they were tracked at start), which keeps
 /// the tombstones of finished ones fresh (see `registry::remention_interval`).
-pub async fn keep_static(tasks: Arc<ProviderTasks>, ids: Vec<String>, interval: Duration) {
+pub async fn keep_static(
+    tasks: Arc<ProviderTasks>,
+    ids: Vec<String>,
+    interval: Duration,
+    clock: Clock,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.tick().await; // the first tick is immediate: start-up already tracked them
     loop {
         tick.tick().await;
-        track_static(&tasks, &ids);
+        track_static(&tasks, &ids, clock);
     }
 }
 
@@ -51,6 +57,7 @@ pub async fn watch_task_files(
     settings: ProviderSettings,
     tasks: Arc<ProviderTasks>,
     metrics: Arc<Metrics>,
+    clock: Clock,
 ) {
     let mut seen: HashMap<PathBuf, (SystemTime, u64)> = HashMap::new();
     let mut tick = tokio::time::interval(settings.polling.interval);
@@ -99,7 +106,7 @@ pub async fn watch_task_files(
             match tokio::fs::read(&path).await {
                 Ok(bytes) => {
                     let text = String::from_utf8_lossy(&bytes);
-                    let now = now_millis();
+                    let now = clock.now_millis();
                     let mut new = 0;
                     let mut invalid = 0;
                     for id in parse_task_file(&text) {
@@ -134,6 +141,7 @@ pub async fn poll_history(
     upstream: Arc<Upstream>,
     adapter: Adapter,
     metrics: Arc<Metrics>,
+    clock: Clock,
 ) {
     let mut tick = tokio::time::interval(history.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -145,38 +153,24 @@ pub async fn poll_history(
                 let Some(path) = adapter.history_path(*kind, page, HISTORY_PAGE_LIMIT) else {
                     return;
                 };
-                let answer = {
-                    let _permit = upstream.permits.acquire().await.expect("never closed");
-                    upstream.get(Endpoint::History, &path).await
-                };
-                let parsed = match answer {
-                    Ok(answer) => interpret(&answer, |status, body| {
+                let answer = upstream
+                    .call(Endpoint::History, &path, |status, body| {
                         adapter.parse_history(status, body, HISTORY_PAGE_LIMIT)
-                    }),
-                    Err(_) => {
-                        history_error(&metrics, &provider);
-                        break; // counted by the upstream client; try again next interval
-                    }
+                    })
+                    .await;
+                let Ok(page) = answer else {
+                    // Counted by the upstream client too; try again next interval.
+                    history_error(&metrics, &provider);
+                    break;
                 };
-                match parsed {
-                    Ok(page) => {
-                        upstream.record_outcome(Endpoint::History, Ok(()));
-                        let now = now_millis();
-                        for item in &page.items {
-                            if tasks.track(&item.task_id, Source::History, now) == TrackOutcome::New
-                            {
-                                new += 1;
-                            }
-                        }
-                        if page.is_last {
-                            break;
-                        }
+                let now = clock.now_millis();
+                for item in &page.items {
+                    if tasks.track(&item.task_id, Source::History, now) == TrackOutcome::New {
+                        new += 1;
                     }
-                    Err(failure) => {
-                        upstream.record_outcome(Endpoint::History, Err(&failure));
-                        history_error(&metrics, &provider);
-                        break;
-                    }
+                }
+                if page.is_last {
+                    break;
                 }
             }
             if new > 0 {
@@ -193,43 +187,6 @@ pub async fn poll_history(
 
 fn history_error(metrics: &Metrics, provider: &str) {
     metrics.count_discovery_error(provider, "history");
-}
-
-/// Reads the account balance every `interval` into `genai_account_credits`.
-pub async fn poll_balance(
-    interval: Duration,
-    provider: String,
-    upstream: Arc<Upstream>,
-    adapter: Adapter,
-    metrics: Arc<Metrics>,
-) {
-    let Some(path) = adapter.balance_path() else {
-        return;
-    };
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let answer = {
-            let _permit = upstream.permits.acquire().await.expect("never closed");
-            upstream.get(Endpoint::Balance, path).await
-        };
-        let Ok(answer) = answer else { continue };
-        match interpret(&answer, |status, body| adapter.parse_balance(status, body)) {
-            Ok(balance) => {
-                upstream.record_outcome(Endpoint::Balance, Ok(()));
-                metrics
-                    .account_credits
-                    .with_label_values(&[&provider, "credits"])
-                    .set(balance.credits);
-                metrics
-                    .account_credits
-                    .with_label_values(&[&provider, "api_credits"])
-                    .set(balance.api_credits);
-            }
-            Err(failure) => upstream.record_outcome(Endpoint::Balance, Err(&failure)),
-        }
-    }
 }
 
 #[cfg(test)]

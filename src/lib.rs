@@ -2,14 +2,20 @@
 //! tasks on AI gateway APIs (maxapi.io, apimall.ai).
 //!
 //! Data flows one way:
-//! `config` -> `app` starts, per provider, a `poller` and the `discovery` sources; they and
-//! the `http` routes (registration API, webhooks) feed the `registry`. The poller asks the
-//! provider through `upstream` and an adapter in `providers`, and records the normalized
-//! answer in the `registry`, which decides what to count. The `persist`er commits those
+//! `config` -> `startup` binds the listener and builds the `app`, which starts, per
+//! provider, a `poller`, the `discovery` sources and the `account` balance poll (each
+//! restarted by `background` should it panic, each scheduled by the `clock`); they and
+//! the `http` routes (registration API, webhooks) feed the `registry`. Every request to a
+//! provider is one `upstream` call: permit, request, the adapter's (`providers`) reading of
+//! the answer, outcome metrics. The poller records the normalized answer in the
+//! `registry`, which decides what to count. The `persist`er commits those
 //! counts to the `store` and then publishes them to `metrics`, which `http` serves.
 //! `web` puts TLS, basic auth and response headers in front of the `http` router.
 
+pub mod account;
 pub mod app;
+pub mod background;
+pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod discovery;
@@ -25,6 +31,7 @@ pub mod reshard;
 pub mod secret;
 pub mod shard;
 pub mod simulator;
+pub mod startup;
 pub mod store;
 pub mod task;
 pub mod upstream;

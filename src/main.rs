@@ -1,17 +1,19 @@
 //! Command line: parsing and wiring only.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use genai_task_exporter::app::App;
+use genai_task_exporter::clock::Clock;
 use genai_task_exporter::config::{self, Overrides, Settings};
 use genai_task_exporter::logging::{self, Format, Level};
 use genai_task_exporter::metrics::VERSION;
 use genai_task_exporter::simulator::{SimConfig, Simulator};
+use genai_task_exporter::startup::{Application, Options};
 use genai_task_exporter::web::{self, Web};
-use genai_task_exporter::{demo, http, reshard, upstream};
+use genai_task_exporter::{demo, reshard, upstream};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -137,13 +139,6 @@ fn main() -> ExitCode {
             }
             code
         }
-        Some(Command::Demo { simulator_address }) => {
-            let listen = cli
-                .listen_address
-                .unwrap_or_else(|| "127.0.0.1:9850".to_string());
-            run_demo(&listen, &simulator_address)
-        }
-        Some(Command::Simulate { listen, scenario }) => run_simulator(&listen, scenario),
         Some(Command::Reshard { dirs }) => {
             let count = cli.shard_count.unwrap_or(dirs.len() as u32);
             if count as usize != dirs.len() {
@@ -166,7 +161,24 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Demo { simulator_address }) => {
+            let runtime = runtime();
+            // Signals first: a SIGHUP or SIGTERM during start-up must not kill the process
+            // with the signal's default action.
+            let signals = runtime.block_on(async { Signals::install() });
+            let listen = cli
+                .listen_address
+                .unwrap_or_else(|| "127.0.0.1:9850".to_string());
+            runtime.block_on(run_demo(&listen, &simulator_address, signals))
+        }
+        Some(Command::Simulate { listen, scenario }) => {
+            let runtime = runtime();
+            let signals = runtime.block_on(async { Signals::install() });
+            runtime.block_on(run_simulator(&listen, scenario, signals))
+        }
         None => {
+            let runtime = runtime();
+            let signals = runtime.block_on(async { Signals::install() });
             let settings = match config::load(&cli.config_file, &overrides, &config::ProcessEnv) {
                 Ok(s) => s,
                 Err(e) => {
@@ -189,7 +201,13 @@ fn main() -> ExitCode {
                     }
                 }
             };
-            run_exporter(settings, Some(cli.config_file), overrides, web)
+            let options = Options {
+                config_path: Some(cli.config_file),
+                overrides,
+                web,
+                clock: Clock::system(),
+            };
+            runtime.block_on(run_exporter(settings, options, signals))
         }
     }
 }
@@ -201,73 +219,51 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-fn run_exporter(
-    settings: Settings,
-    config_path: Option<PathBuf>,
-    overrides: Overrides,
-    web: Option<std::sync::Arc<Web>>,
-) -> ExitCode {
+async fn run_exporter(settings: Settings, options: Options, signals: Signals) -> ExitCode {
     upstream::install_crypto_provider();
-    runtime().block_on(async move {
-        let listen = settings.listen_address;
-        let listener = match tokio::net::TcpListener::bind(listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(address = %listen, error = %e, "cannot listen");
-                eprintln!("cannot listen on {listen}: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let app = match App::start(settings, config_path, overrides).await {
-            Ok(app) => app,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start");
-                eprintln!("cannot start: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        if let Some(web) = &web {
-            let web = web.clone();
-            app.on_reload(Box::new(move || web.reload()));
+    match Application::build(settings, options).await {
+        Ok(application) => serve(application, signals).await,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            eprintln!("cannot start: {e}");
+            ExitCode::FAILURE
         }
-        serve(app, listener, web).await
-    })
+    }
 }
 
-fn run_demo(exporter_address: &str, simulator_address: &str) -> ExitCode {
+async fn run_demo(exporter_address: &str, simulator_address: &str, signals: Signals) -> ExitCode {
     upstream::install_crypto_provider();
-    runtime().block_on(async move {
-        let (exporter_listener, simulator_listener, state) =
-            match demo::bind(exporter_address, simulator_address).await {
-                Ok(bound) => bound,
-                Err(e) => {
-                    eprintln!("cannot listen: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-        let exporter = exporter_listener.local_addr().expect("bound");
-        let simulator = simulator_listener.local_addr().expect("bound");
-        demo::start_simulator(
-            Simulator::new(demo::simulator_config(exporter)),
-            simulator_listener,
-        );
-        let settings = demo::settings(simulator, exporter, &state);
-        let app = match App::start(settings, None, Overrides::default()).await {
-            Ok(app) => app,
+    let (exporter_listener, simulator_listener, state) =
+        match demo::bind(exporter_address, simulator_address).await {
+            Ok(bound) => bound,
+            Err(e) => {
+                eprintln!("cannot listen: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let exporter = exporter_listener.local_addr().expect("bound");
+    let simulator = simulator_listener.local_addr().expect("bound");
+    demo::start_simulator(
+        Simulator::new(demo::simulator_config(exporter)),
+        simulator_listener,
+    );
+    let settings = demo::settings(simulator, exporter, &state);
+    let application =
+        match Application::build_on(exporter_listener, settings, Options::default()).await {
+            Ok(application) => application,
             Err(e) => {
                 eprintln!("cannot start: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        print!("{}", demo::banner(exporter, simulator));
-        let _ = std::io::Write::flush(&mut std::io::stdout());
-        let code = serve(app, exporter_listener, None).await;
-        let _ = std::fs::remove_dir_all(&state);
-        code
-    })
+    print!("{}", demo::banner(exporter, simulator));
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let code = serve(application, signals).await;
+    let _ = std::fs::remove_dir_all(&state);
+    code
 }
 
-fn run_simulator(listen: &str, scenario: Option<PathBuf>) -> ExitCode {
+async fn run_simulator(listen: &str, scenario: Option<PathBuf>, signals: Signals) -> ExitCode {
     let config = match scenario {
         None => SimConfig::demo(),
         Some(path) => {
@@ -284,46 +280,44 @@ fn run_simulator(listen: &str, scenario: Option<PathBuf>) -> ExitCode {
         }
     };
     upstream::install_crypto_provider();
-    runtime().block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("cannot listen on {listen}: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let addr = listener.local_addr().expect("bound");
-        let sim = Simulator::new(config);
-        sim.spawn_workload();
-        println!(
-            "simulated providers on http://{addr} (maxapi and apimall paths; ground truth: http://{addr}/_sim/truth)"
-        );
-        let _ = std::io::Write::flush(&mut std::io::stdout());
-        match sim.serve(listener, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("simulator failed: {e}");
-                ExitCode::FAILURE
-            }
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
         }
-    })
+    };
+    let addr = listener.local_addr().expect("bound");
+    let sim = Simulator::new(config);
+    sim.spawn_workload();
+    println!(
+        "simulated providers on http://{addr} (maxapi and apimall paths; ground truth: http://{addr}/_sim/truth)"
+    );
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    match sim.serve(listener, signals.shutdown()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("simulator failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Serves until SIGINT/SIGTERM, reloading on SIGHUP; saves state on the way out.
-async fn serve(
-    app: std::sync::Arc<App>,
-    listener: tokio::net::TcpListener,
-    web: Option<std::sync::Arc<Web>>,
-) -> ExitCode {
-    let local: SocketAddr = listener
-        .local_addr()
-        .expect("bound listener has an address");
-    let tls = web.as_ref().is_some_and(|w| w.is_tls());
-    tracing::info!(address = %local, version = VERSION, tls, "listening");
-    spawn_sighup_reload(app.clone());
-    let result = web::serve(listener, http::router(app.clone()), web, shutdown_signal()).await;
-    app.shutdown().await;
-    match result {
+async fn serve(application: Application, signals: Signals) -> ExitCode {
+    let Signals {
+        hangup,
+        interrupt,
+        terminate,
+    } = signals;
+    spawn_sighup_reload(application.app(), hangup);
+    let shutdown = Signals {
+        hangup: None,
+        interrupt,
+        terminate,
+    }
+    .shutdown();
+    match application.run_until_stopped(shutdown).await {
         Ok(()) => {
             tracing::info!("stopped");
             ExitCode::SUCCESS
@@ -335,39 +329,87 @@ async fn serve(
     }
 }
 
-fn spawn_sighup_reload(app: std::sync::Arc<App>) {
-    #[cfg(unix)]
-    tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            return;
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading configuration");
-            let _ = app.reload().await;
-        }
-    });
+/// The process signals, taken over from their default actions as soon as the process
+/// starts (a signal that arrives before the application is up waits for it).
+struct Signals {
+    hangup: Option<Signal>,
+    interrupt: Option<Signal>,
+    terminate: Option<Signal>,
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+#[cfg(unix)]
+type Signal = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Signal = std::convert::Infallible;
+
+impl Signals {
+    /// Installs the handlers (inside the runtime).
+    fn install() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let take = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(signal = name, error = %e, "cannot handle signal");
+                    None
+                }
+            };
+            Signals {
+                hangup: take(SignalKind::hangup(), "SIGHUP"),
+                interrupt: take(SignalKind::interrupt(), "SIGINT"),
+                terminate: take(SignalKind::terminate(), "SIGTERM"),
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
+        #[cfg(not(unix))]
+        Signals {
+            hangup: None,
+            interrupt: None,
+            terminate: None,
+        }
     }
-    tracing::info!("shutting down");
+
+    /// Completes on SIGINT or SIGTERM.
+    async fn shutdown(self) {
+        #[cfg(unix)]
+        {
+            let wait = |s: Option<Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = wait(self.interrupt) => {},
+                _ = wait(self.terminate) => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutting down");
+    }
+}
+
+/// Reloads on every SIGHUP, including one that arrived during start-up.
+fn spawn_sighup_reload(app: Arc<App>, hangup: Option<Signal>) {
+    #[cfg(unix)]
+    if let Some(mut hup) = hangup {
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading configuration");
+                let reload = std::panic::AssertUnwindSafe(app.reload());
+                if futures_util::FutureExt::catch_unwind(reload).await.is_err() {
+                    tracing::error!(
+                        "configuration reload panicked; keeping the running configuration"
+                    );
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (app, hangup);
 }

@@ -634,6 +634,7 @@ pub struct Metrics {
     pub reload_success_timestamp: Gauge,
     pub store_errors: IntCounterVec,
     store_up: IntGauge,
+    pub(crate) task_panics: IntCounterVec,
     pub shard_info: IntGaugeVec,
     /// Providers currently configured; series of others are left off the page.
     active: RwLock<HashSet<String>>,
@@ -743,6 +744,12 @@ impl Metrics {
                 "Failed state store operations; the batch is retried.",
                 &["operation"],
             ),
+            task_panics: counter_vec(
+                &prom,
+                "genai_exporter_task_panics_total",
+                "Panics caught in background tasks; each task is restarted after a back-off.",
+                &["task"],
+            ),
             shard_info: int_gauge_vec(
                 &prom,
                 "genai_exporter_shard_info",
@@ -824,6 +831,11 @@ impl Metrics {
     /// configured provider (the path is attacker-controlled: never a label value).
     pub fn count_webhook(&self, provider: &str, outcome: &str) {
         self.count(Family::WebhookRequests, provider, &[outcome]);
+    }
+
+    /// Counts one panic caught in the background task `task` (a fixed name, never free text).
+    pub fn count_task_panic(&self, task: &str) {
+        self.task_panics.with_label_values(&[task]).inc();
     }
 
     /// Counts one failure of a discovery source.

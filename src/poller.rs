@@ -4,39 +4,55 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::providers::{Adapter, FailureClass, UpstreamFailure};
+use futures_util::FutureExt;
+
+use crate::background::{self, Worker};
+use crate::clock::Clock;
+use crate::metrics::Metrics;
+use crate::providers::{Adapter, FailureClass};
 use crate::registry::{PollError, ProviderTasks};
-use crate::task::now_millis;
-use crate::upstream::{Answer, Endpoint, Upstream};
+use crate::upstream::{CallError, Endpoint, Reserved, Upstream};
 
 /// Longest sleep between looks at the schedule (a safety net; wake-ups are notified).
 const MAX_IDLE: Duration = Duration::from_secs(1);
 
 /// Runs until the task is aborted. Aborting is safe: a task taken but not answered is
 /// rescheduled by `ProviderTasks::reschedule_unscheduled` when a poller starts again.
-pub async fn run(tasks: Arc<ProviderTasks>, upstream: Arc<Upstream>, adapter: Adapter) {
+pub async fn run(
+    tasks: Arc<ProviderTasks>,
+    upstream: Arc<Upstream>,
+    adapter: Adapter,
+    metrics: Arc<Metrics>,
+    clock: Clock,
+) {
     loop {
-        let permit = upstream
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        let id = next_due(&tasks).await;
+        // A permit first: a task is taken from the schedule only when it can be asked now.
+        let reserved = upstream.reserve().await;
+        let id = next_due(&tasks, clock).await;
         let tasks = tasks.clone();
-        let upstream = upstream.clone();
         let adapter = adapter.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            poll_one(&tasks, &upstream, &adapter, &id).await;
-            drop(permit);
+            let poll = poll_one(&tasks, reserved, &adapter, &id, clock);
+            if let Err(panic) = std::panic::AssertUnwindSafe(poll).catch_unwind().await {
+                background::report_panic(
+                    Worker::Poller,
+                    tasks.name(),
+                    &metrics,
+                    panic.as_ref(),
+                    Duration::ZERO,
+                );
+                // The task was taken from the schedule and never answered: put it back.
+                tasks.reschedule_unscheduled(clock.now_millis());
+            }
         });
     }
 }
 
 /// Waits until a task is due and takes it.
-async fn next_due(tasks: &ProviderTasks) -> Arc<str> {
+async fn next_due(tasks: &ProviderTasks, clock: Clock) -> Arc<str> {
     loop {
-        let now = now_millis();
+        let now = clock.now_millis();
         if let Some(id) = tasks.take_due(now) {
             return id;
         }
@@ -53,53 +69,68 @@ async fn next_due(tasks: &ProviderTasks) -> Arc<str> {
     }
 }
 
-/// Polls one task and records the answer.
-pub async fn poll_one(tasks: &ProviderTasks, upstream: &Upstream, adapter: &Adapter, id: &str) {
-    let answer = upstream.get(Endpoint::Task, &adapter.task_path(id)).await;
-    let now = now_millis();
-    let answer = match answer {
-        Ok(answer) => answer,
-        Err(e) => {
+/// Polls one task under `reserved` and records the answer.
+async fn poll_one(
+    tasks: &ProviderTasks,
+    reserved: Reserved,
+    adapter: &Adapter,
+    id: &str,
+    clock: Clock,
+) {
+    let answer = reserved
+        .call(Endpoint::Task, &adapter.task_path(id), |status, body| {
+            adapter.parse_task(status, body)
+        })
+        .await;
+    let now = clock.now_millis();
+    match answer {
+        Ok(mut obs) => {
+            // Trust the id we asked for, not the one in the body.
+            obs.task_id = id.to_string();
+            tasks.record_poll(id, Ok(&obs), now);
+        }
+        Err(CallError::Transport(e)) => {
             let err = PollError {
                 class: None,
                 message: e.to_string(),
             };
             tasks.record_poll(id, Err(&err), now);
-            return;
         }
-    };
-    match interpret(&answer, |status, body| adapter.parse_task(status, body)) {
-        Ok(mut obs) => {
-            upstream.record_outcome(Endpoint::Task, Ok(()));
-            // Trust the id we asked for, not the one in the body.
-            obs.task_id = id.to_string();
-            tasks.record_poll(id, Ok(&obs), now);
-        }
-        Err(failure) => {
-            upstream.record_outcome(Endpoint::Task, Err(&failure));
+        Err(CallError::Refused(failure)) => {
             if failure.class != FailureClass::RateLimited {
-                tracing::debug!(provider = upstream.provider(), task = id, error = %failure.message, "poll answer was not a task");
+                tracing::debug!(provider = tasks.name(), task = id, error = %failure.message, "poll answer was not a task");
             }
             tasks.record_poll(id, Err(&PollError::from(&failure)), now);
         }
     }
 }
 
-/// Hands an answer's body to `parse`, or reports an oversized body as undecodable.
-pub fn interpret<T>(
-    answer: &Answer,
-    parse: impl FnOnce(u16, &[u8]) -> Result<T, UpstreamFailure>,
-) -> Result<T, UpstreamFailure> {
-    match &answer.body {
-        Some(body) => parse(answer.status, body),
-        None => Err(UpstreamFailure {
-            class: FailureClass::InvalidResponse,
-            api_error: Some("invalid_response"),
-            message: format!(
-                "HTTP {}: body larger than {} bytes, not read",
-                answer.status,
-                crate::upstream::MAX_BODY_BYTES
-            ),
-        }),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Polling;
+    use crate::registry::{Registry, Source};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_is_taken_when_due_on_the_clock_and_not_before() {
+        let clock = Clock::tokio();
+        let registry = Registry::new(50, Default::default());
+        let tasks = registry.provider_or_insert("p", &Polling::default());
+        tasks.track("t1", Source::Static, clock.now_millis());
+        assert_eq!(&*next_due(&tasks, clock).await, "t1");
+
+        let err = PollError {
+            class: None,
+            message: "request timed out".into(),
+        };
+        tasks.record_poll("t1", Err(&err), clock.now_millis());
+        let due = tasks.next_due().expect("rescheduled");
+        let wait = Duration::from_millis((due - clock.now_millis()) as u64);
+        assert!(wait > Duration::from_millis(2), "{wait:?}");
+        let taken = tokio::spawn(async move { next_due(&tasks, clock).await });
+        tokio::time::sleep(wait - Duration::from_millis(1)).await;
+        assert!(!taken.is_finished(), "taken before it was due");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(&*taken.await.unwrap(), "t1");
     }
 }

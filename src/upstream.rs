@@ -1,6 +1,6 @@
 //! The HTTP client side of one provider: rate limit, concurrency limit, rate-limit pauses,
-//! bounded bodies, and the upstream metrics. It knows nothing of wire formats: adapters
-//! interpret the `(status, body)` it returns.
+//! bounded bodies, and the upstream metrics. It knows nothing of wire formats: the `parse`
+//! function a caller hands to [`Upstream::call`] (an adapter's) interprets `(status, body)`.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::background::lock;
 use crate::config::ProviderSettings;
 use crate::metrics::Metrics;
 use crate::providers::{FailureClass, UpstreamFailure};
@@ -24,7 +25,7 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Back-off after a 429/503 without `Retry-After`: 1 s doubling to 60 s, with jitter.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// Consecutive failed exchanges (5xx, transport, undecodable) before `provider_up` goes to 0.
+/// Consecutive provider-level failures (5xx, 429, transport) before `provider_up` goes to 0.
 const DOWN_AFTER_FAILURES: u32 = 3;
 
 /// Which upstream endpoint (`endpoint` label).
@@ -74,6 +75,40 @@ pub struct Answer {
     pub body: Option<Bytes>,
 }
 
+/// Why [`Upstream::call`] returned no value. Both kinds are already counted and reflected in
+/// the provider's health when the caller sees them.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum CallError {
+    /// No HTTP answer.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// An answer that `parse` refused (API error, HTTP error, undecodable body).
+    #[error("{}", .0.message)]
+    Refused(UpstreamFailure),
+}
+
+/// A concurrency permit of one provider's upstream, taken before the caller commits to a
+/// request (the poller takes one before it takes a due task from the schedule).
+#[derive(Debug)]
+pub(crate) struct Reserved {
+    upstream: Arc<Upstream>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Reserved {
+    /// [`Upstream::call`] under this permit, which is released when the call returns.
+    pub(crate) async fn call<T>(
+        self,
+        endpoint: Endpoint,
+        path: &str,
+        parse: impl FnOnce(u16, &[u8]) -> Result<T, UpstreamFailure>,
+    ) -> Result<T, CallError> {
+        self.upstream
+            .exchange_and_record(endpoint, path, parse)
+            .await
+    }
+}
+
 /// What the landing page shows of a provider's upstream.
 #[derive(Debug, Clone, Default)]
 pub struct UpstreamStatus {
@@ -101,7 +136,7 @@ impl RateLimiter {
 
     async fn acquire(&self) {
         let slot = {
-            let mut next = self.next.lock().expect("rate limiter lock");
+            let mut next = lock(&self.next);
             let now = Instant::now();
             let slot = (*next).max(now);
             *next = slot + self.period;
@@ -163,7 +198,8 @@ pub struct Upstream {
     timeout: Duration,
     http: reqwest::Client,
     limiter: RateLimiter,
-    pub permits: Arc<Semaphore>,
+    /// Requests in flight at once (`max_concurrency`); taken only through [`Upstream::reserve`].
+    permits: Arc<Semaphore>,
     pause_until: Mutex<Option<Instant>>,
     throttles_in_a_row: AtomicU32,
     failures_in_a_row: AtomicU32,
@@ -207,12 +243,58 @@ impl Upstream {
     }
 
     pub fn status(&self) -> UpstreamStatus {
-        self.status.lock().expect("status lock").clone()
+        lock(&self.status).clone()
+    }
+
+    /// Waits for a concurrency permit (one of `max_concurrency`).
+    pub(crate) async fn reserve(self: &Arc<Self>) -> Reserved {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        Reserved {
+            upstream: self.clone(),
+            _permit: permit,
+        }
+    }
+
+    /// One request, whole: waits for a concurrency permit, sends `GET base_url + path`, hands
+    /// the answer to `parse`, and records the outcome (request and error metrics, provider
+    /// health). The only way requests reach the provider.
+    pub(crate) async fn call<T>(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        path: &str,
+        parse: impl FnOnce(u16, &[u8]) -> Result<T, UpstreamFailure>,
+    ) -> Result<T, CallError> {
+        self.reserve().await.call(endpoint, path, parse).await
+    }
+
+    /// The body of [`Upstream::call`], once a permit is held.
+    async fn exchange_and_record<T>(
+        &self,
+        endpoint: Endpoint,
+        path: &str,
+        parse: impl FnOnce(u16, &[u8]) -> Result<T, UpstreamFailure>,
+    ) -> Result<T, CallError> {
+        let answer = self.get(endpoint, path).await?;
+        match interpret(&answer, parse) {
+            Ok(value) => {
+                self.record_outcome(endpoint, Ok(()));
+                Ok(value)
+            }
+            Err(failure) => {
+                self.record_outcome(endpoint, Err(&failure));
+                Err(CallError::Refused(failure))
+            }
+        }
     }
 
     /// Sends `GET base_url + path`, waiting for a rate-limit slot and any pause first.
-    /// The caller holds a concurrency permit (`permits`).
-    pub async fn get(&self, endpoint: Endpoint, path: &str) -> Result<Answer, TransportError> {
+    /// The caller holds a concurrency permit.
+    async fn get(&self, endpoint: Endpoint, path: &str) -> Result<Answer, TransportError> {
         self.wait_for_pause().await;
         self.limiter.acquire().await;
         let started = Instant::now();
@@ -231,7 +313,7 @@ impl Upstream {
             &code,
             started.elapsed().as_secs_f64(),
         );
-        self.status.lock().expect("status lock").requests += 1;
+        lock(&self.status).requests += 1;
         match &result {
             Ok(answer) if answer.status == 429 || answer.status == 503 => {
                 self.throttled(answer);
@@ -282,11 +364,7 @@ impl Upstream {
     /// `exchange`), else exponential back-off with jitter.
     fn throttled(&self, answer: &Answer) {
         let n = self.throttles_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
-        let has_pause = self
-            .pause_until
-            .lock()
-            .expect("pause lock")
-            .is_some_and(|until| until > Instant::now());
+        let has_pause = lock(&self.pause_until).is_some_and(|until| until > Instant::now());
         if !has_pause {
             let exp = BACKOFF_BASE.saturating_mul(1u32 << (n - 1).min(10));
             let capped = exp.min(BACKOFF_MAX);
@@ -303,7 +381,7 @@ impl Upstream {
 
     fn pause_for(&self, pause: Duration) {
         let until = Instant::now() + pause.min(MAX_RETRY_AFTER);
-        let mut guard = self.pause_until.lock().expect("pause lock");
+        let mut guard = lock(&self.pause_until);
         let until = guard.map_or(until, |current| current.max(until));
         *guard = Some(until);
         self.metrics.set_pause(&self.provider, until);
@@ -311,7 +389,7 @@ impl Upstream {
 
     async fn wait_for_pause(&self) {
         loop {
-            let until = *self.pause_until.lock().expect("pause lock");
+            let until = *lock(&self.pause_until);
             match until {
                 Some(until) if until > Instant::now() => {
                     tokio::time::sleep_until(until.into()).await
@@ -322,7 +400,7 @@ impl Upstream {
     }
 
     /// Records how an answer was understood: API error metrics and provider health.
-    pub fn record_outcome(&self, endpoint: Endpoint, outcome: Result<(), &UpstreamFailure>) {
+    fn record_outcome(&self, endpoint: Endpoint, outcome: Result<(), &UpstreamFailure>) {
         match outcome {
             Ok(()) => self.record_success(),
             Err(failure) => {
@@ -341,16 +419,19 @@ impl Upstream {
                             .store(DOWN_AFTER_FAILURES, Ordering::Relaxed);
                         self.set_down(message);
                     }
-                    FailureClass::ServerError | FailureClass::InvalidResponse => {
+                    // The provider as a whole is in trouble (or throttling us hard).
+                    FailureClass::ServerError | FailureClass::RateLimited => {
                         self.record_failure(message)
-                    }
-                    FailureClass::RateLimited => {
-                        self.status.lock().expect("status lock").last_error = Some(message);
                     }
                     // The provider answered sensibly about this one request.
                     FailureClass::NotFound | FailureClass::ClientError => {
                         self.record_success();
-                        self.status.lock().expect("status lock").last_error = Some(message);
+                        lock(&self.status).last_error = Some(message);
+                    }
+                    // One answer we could not read (one broken task, say): it says nothing
+                    // about the provider's health either way.
+                    FailureClass::InvalidResponse => {
+                        lock(&self.status).last_error = Some(message);
                     }
                 }
             }
@@ -360,7 +441,7 @@ impl Upstream {
     fn record_success(&self) {
         self.failures_in_a_row.store(0, Ordering::Relaxed);
         let now = SystemTime::now();
-        let mut status = self.status.lock().expect("status lock");
+        let mut status = lock(&self.status);
         if !status.up && status.last_error.is_some() {
             tracing::info!(provider = %self.provider, "provider answers again");
         }
@@ -385,12 +466,12 @@ impl Upstream {
         if n >= DOWN_AFTER_FAILURES {
             self.set_down(message);
         } else {
-            self.status.lock().expect("status lock").last_error = Some(message);
+            lock(&self.status).last_error = Some(message);
         }
     }
 
     fn set_down(&self, message: String) {
-        let mut status = self.status.lock().expect("status lock");
+        let mut status = lock(&self.status);
         if status.up {
             tracing::warn!(provider = %self.provider, error = %message, "provider is down");
         }
@@ -400,6 +481,24 @@ impl Upstream {
             .provider_up
             .with_label_values(&[&self.provider])
             .set(0);
+    }
+}
+
+/// Hands an answer's body to `parse`, or reports an oversized body as undecodable.
+fn interpret<T>(
+    answer: &Answer,
+    parse: impl FnOnce(u16, &[u8]) -> Result<T, UpstreamFailure>,
+) -> Result<T, UpstreamFailure> {
+    match &answer.body {
+        Some(body) => parse(answer.status, body),
+        None => Err(UpstreamFailure {
+            class: FailureClass::InvalidResponse,
+            api_error: Some("invalid_response"),
+            message: format!(
+                "HTTP {}: body larger than {MAX_BODY_BYTES} bytes, not read",
+                answer.status
+            ),
+        }),
     }
 }
 

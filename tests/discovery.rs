@@ -103,10 +103,23 @@ async fn task_files_added_and_edited_while_running() {
         m.get("genai_tasks", &[("provider", "mx"), ("status", "pending")]),
         Some(4.0)
     );
-    // An unreadable match is counted, not fatal.
+    // A match that is no file is skipped; one that cannot be read (a dangling link) is
+    // counted; neither stops the watcher: a file written after them is still read.
     std::fs::create_dir(files.path().join("c.txt")).unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(file_count(&exporter.scrape().await), Some(4.0));
+    std::os::unix::fs::symlink(files.path().join("missing"), files.path().join("d.txt")).unwrap();
+    std::fs::write(files.path().join("e.txt"), "f5\n").unwrap();
+    let m = exporter
+        .wait_for(WAIT, |m| file_count(m) == Some(5.0))
+        .await;
+    assert!(
+        m.get(
+            "genai_exporter_discovery_errors_total",
+            &[("provider", "mx"), ("source", "file")]
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "the dangling link is counted"
+    );
     exporter.stop().await;
 }
 
@@ -378,10 +391,30 @@ async fn webhooks_of_both_providers_are_applied_and_confirmed() {
         Some(2.0)
     );
 
-    // Each callback is confirmed by exactly one poll; the repeat changes nothing.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Each callback is confirmed by exactly one poll: canaries, polled again and again,
+    // show both pollers went round several times after the confirmations.
+    fake.script(
+        "/api/v1/task/canary",
+        vec![Reply::json(200, maxapi_envelope("canary", "PROCESSING"))],
+    );
+    fake.script(
+        "/api/v1/images/img_canary",
+        vec![Reply::json(
+            200,
+            json!({"success": true, "data": apimall_data("img_canary", "processing")}),
+        )],
+    );
+    exporter.track("mx", "canary");
+    exporter.track("am", "img_canary");
+    fake.wait_for_more_hits("/api/v1/task/canary", 3, WAIT)
+        .await;
+    fake.wait_for_more_hits("/api/v1/images/img_canary", 3, WAIT)
+        .await;
+    exporter.untrack("mx", "canary");
+    exporter.untrack("am", "img_canary");
     assert_eq!(fake.hits("/api/v1/task/w1").len(), 1);
     assert_eq!(fake.hits("/api/v1/images/img_w2").len(), 1);
+    // The repeat changes nothing.
     assert_eq!(
         post("mx", HOOK, maxapi_envelope("w1", "SUCCESS"))
             .await
@@ -577,9 +610,10 @@ async fn history_pages_until_a_short_page_and_balance_is_read() {
             .is_empty(),
         "a short page is the last"
     );
-    // Listing again finds nothing new and counts nothing twice.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(fake.hits("/api/v1/images/history?page=3&limit=50").len() >= 2);
+    // Listing again finds nothing new and counts nothing twice: a listing begun after
+    // this point was read whole.
+    let page_3 = "/api/v1/images/history?page=3&limit=50";
+    fake.wait_for_more_hits(page_3, 2, WAIT).await;
     let m = exporter.scrape().await;
     assert_eq!(
         m.get(

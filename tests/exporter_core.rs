@@ -263,8 +263,19 @@ async fn apimall_credits_and_refunds_are_counted_once() {
     exporter
         .wait_for(WAIT, |m| m.sum("genai_task_completions_total", &[]) >= 3.0)
         .await;
-    // Let a few more answers arrive (terminal tasks are not polled again, but prove it).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Terminal tasks are not polled again: a canary polled three more times shows the
+    // poller went round while they would have been due.
+    fake.script(
+        "/api/v1/images/img_canary",
+        vec![Reply::json(
+            200,
+            apimall_task("img_canary", "processing", None, 0.0, 0.0),
+        )],
+    );
+    exporter.track("am", "img_canary");
+    fake.wait_for_more_hits("/api/v1/images/img_canary", 3, WAIT)
+        .await;
+    exporter.untrack("am", "img_canary");
     let m = exporter.scrape().await;
     let labels = &[("provider", "am"), ("model", "nano-banana")];
     assert_eq!(m.get("genai_task_credits_used_total", labels), Some(18.5));
@@ -353,7 +364,18 @@ async fn a_task_moving_to_success_is_counted_once_and_then_left_alone() {
     exporter
         .wait_for(WAIT, |m| m.sum("genai_task_completions_total", &[]) == 1.0)
         .await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // A canary polled three more times shows the poller went round after SUCCESS.
+    fake.script(
+        "/api/v1/task/canary",
+        vec![Reply::json(
+            200,
+            maxapi_task("canary", "PROCESSING", Value::Null),
+        )],
+    );
+    exporter.track("mx", "canary");
+    fake.wait_for_more_hits("/api/v1/task/canary", 3, WAIT)
+        .await;
+    exporter.untrack("mx", "canary");
     let m = exporter.scrape().await;
     assert_eq!(
         m.get("genai_task_completions_total", &[("status", "succeeded")]),
@@ -461,6 +483,62 @@ async fn upstream_errors_are_counted_by_code_and_kind() {
     let health = reqwest::get(exporter.url("/-/healthy")).await.unwrap();
     assert_eq!(health.status(), 200);
     assert_eq!(promtool_check_metrics(&m.text), "");
+    exporter.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_broken_task_does_not_mark_the_provider_down() {
+    let fake = FakeUpstream::start().await;
+    fake.script(
+        "/api/v1/task/fine",
+        vec![Reply::json(
+            200,
+            maxapi_task("fine", "SUCCESS", Value::Null),
+        )],
+    );
+    fake.script(
+        "/api/v1/task/garbled",
+        vec![Reply::raw(200, "{\"code\": 0, \"data\": {")],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let exporter = start_maxapi(&fake, &["fine", "garbled"], &dir).await;
+    // "fine" answers once and is done; from then on only the broken task is asked.
+    exporter
+        .wait_for(WAIT, |m| {
+            m.sum("genai_task_completions_total", &[]) == 1.0
+                && m.get("genai_exporter_provider_up", &[("provider", "mx")]) == Some(1.0)
+        })
+        .await;
+    // Far more undecodable answers in a row than it takes 5xx answers to mark it down.
+    fake.wait_for_more_hits("/api/v1/task/garbled", 5, WAIT)
+        .await;
+    let m = exporter.scrape().await;
+    assert!(
+        m.get(
+            "genai_upstream_errors_total",
+            &[
+                ("provider", "mx"),
+                ("endpoint", "task"),
+                ("error", "invalid_response")
+            ]
+        )
+        .unwrap()
+            >= 5.0
+    );
+    assert_eq!(
+        m.get("genai_exporter_provider_up", &[("provider", "mx")]),
+        Some(1.0)
+    );
+    // Provider-level failures still count: the same task answers 500 now.
+    fake.script(
+        "/api/v1/task/garbled",
+        vec![Reply::raw(500, "<html>down</html>")],
+    );
+    exporter
+        .wait_for(WAIT, |m| {
+            m.get("genai_exporter_provider_up", &[("provider", "mx")]) == Some(0.0)
+        })
+        .await;
     exporter.stop().await;
 }
 

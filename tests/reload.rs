@@ -520,3 +520,191 @@ async fn unusable_values_are_refused_and_polling_goes_on() {
         .await;
     exporter.stop().await;
 }
+
+/// Whether process `pid` has a handler for SIGHUP (bit 0 of `SigCgt` in /proc).
+fn catches_sighup(pid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & 1 == 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_during_start_up_does_not_kill_the_binary() {
+    use std::io::BufRead;
+    genai_task_exporter::upstream::install_crypto_provider();
+    let fake = FakeUpstream::start().await;
+    fake.script(
+        "/api/v1/task/t-one",
+        vec![Reply::json(200, maxapi_task("t-one", "SUCCESS"))],
+    );
+    let files = Files::new();
+    files.write("one.key", "key-one");
+    let one = provider("one", &fake.url(), &files.path("one.key"), &["t-one"]);
+    files.write("config.yaml", &config_yaml(&files, &[one]));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_genai-task-exporter"))
+        .args([
+            "--config.file",
+            files.config().to_str().unwrap(),
+            "--web.listen-address",
+            "127.0.0.1:0",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = logs.clone();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let mut logs = sink.lock().unwrap();
+            logs.push_str(&line);
+            logs.push('\n');
+        }
+    });
+    // The first moment the process can take a signal at all (the loader and the handler
+    // installation cannot be raced from outside): then SIGHUP, several times, while it
+    // opens its store and starts its providers.
+    let deadline = Instant::now() + WAIT;
+    while !catches_sighup(pid) {
+        assert!(child.try_wait().unwrap().is_none(), "exited early");
+        assert!(Instant::now() < deadline, "no SIGHUP handler");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let kill_hup = || {
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+    };
+    for _ in 0..5 {
+        assert!(kill_hup().success());
+    }
+    println!(
+        "SIGHUP sent {} the listening line was read",
+        if logs.lock().unwrap().contains("msg=listening") {
+            "after"
+        } else {
+            "before"
+        }
+    );
+    // Still running, and serving: the provider's task is counted.
+    let addr = loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the binary died after SIGHUP during start-up:\n{}",
+            logs.lock().unwrap()
+        );
+        let found = logs.lock().unwrap().lines().find_map(|l| {
+            let rest = l.split(" address=").nth(1)?;
+            l.contains("msg=listening")
+                .then(|| rest.split(' ').next()?.parse::<std::net::SocketAddr>().ok())
+                .flatten()
+        });
+        if let Some(addr) = found {
+            break addr;
+        }
+        assert!(Instant::now() < deadline, "no listening line");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    loop {
+        let text = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if Scrape::parse(&text).sum("genai_task_completions_total", &[("provider", "one")]) == 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "task not counted:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The pending SIGHUP is taken as a reload once serving.
+    wait_until("the SIGHUP reload", WAIT, || {
+        logs.lock()
+            .unwrap()
+            .contains("SIGHUP: reloading configuration")
+    })
+    .await;
+    assert!(child.try_wait().unwrap().is_none());
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline + WAIT, "no exit on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_panics_leaves_every_endpoint_answering() {
+    let fake = FakeUpstream::start().await;
+    fake.script(
+        "/api/v1/task/t-run",
+        vec![Reply::json(200, maxapi_task("t-run", "PROCESSING"))],
+    );
+    let files = Files::new();
+    files.write("one.key", "key-one");
+    let one = provider("one", &fake.url(), &files.path("one.key"), &["t-run"]);
+    let good = config_yaml(&files, std::slice::from_ref(&one));
+    files.write("config.yaml", &good);
+    let exporter = Exporter::start_from_file(&files.config()).await;
+    fake.wait_for_more_hits("/api/v1/task/t-run", 1, WAIT).await;
+
+    // A rate no timer can represent: starting the provider with it panics while the
+    // runtimes are locked (unless validation refuses it first: then it is a 400).
+    files.write(
+        "config.yaml",
+        &good.replace("requests_per_second: 200", "requests_per_second: 1e-20"),
+    );
+    let answer = reqwest::Client::new()
+        .post(exporter.url("/-/reload"))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await;
+    if let Ok(response) = answer {
+        assert_ne!(response.status(), 200, "an unusable rate is not accepted");
+    }
+
+    // Everything still answers.
+    for path in ["/", "/-/healthy", "/-/ready", "/api/v1/tasks"] {
+        let response = reqwest::Client::new()
+            .get(exporter.url(path))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    let webhook = reqwest::Client::new()
+        .post(exporter.url("/webhooks/one?token=wrong"))
+        .json(&maxapi_task("t-run", "SUCCESS"))
+        .send()
+        .await
+        .unwrap();
+    assert!(webhook.status().is_client_error(), "{}", webhook.status());
+
+    // A good file again: accepted, and the provider polls again.
+    files.write("config.yaml", &good);
+    let (status, body) = post_reload(&exporter.url("/-/reload")).await;
+    assert_eq!(status, 200, "{body}");
+    fake.wait_for_more_hits("/api/v1/task/t-run", 2, WAIT).await;
+    assert_eq!(reload_gauges(&exporter.scrape().await).0, 1.0);
+    exporter.stop().await;
+}

@@ -17,8 +17,10 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::Response;
 use genai_task_exporter::app::App;
 use genai_task_exporter::config::{self, Overrides};
+use genai_task_exporter::registry::Source;
 use genai_task_exporter::simulator::GroundTruth;
-use genai_task_exporter::task::{FailureReason, Status};
+use genai_task_exporter::startup::{Application, Options};
+use genai_task_exporter::task::{FailureReason, Status, now_millis};
 
 // ---------------------------------------------------------------------------------------
 // Fake upstream
@@ -114,6 +116,21 @@ impl FakeUpstream {
             .collect()
     }
 
+    /// Waits until `path` has been requested `more` times beyond the requests seen so far:
+    /// the positive event after which "nothing else happened" can be asserted (a poller
+    /// that went round again had every chance to send what it must not).
+    pub async fn wait_for_more_hits(&self, path: &str, more: usize, timeout: Duration) {
+        let target = self.hits(path).len() + more;
+        let deadline = Instant::now() + timeout;
+        while self.hits(path).len() < target {
+            assert!(
+                Instant::now() < deadline,
+                "{path} was not requested {more} more time(s) within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Authorization headers seen, all paths.
     pub fn authorizations(&self) -> Vec<Option<String>> {
         self.state
@@ -167,7 +184,8 @@ async fn fake_handler(State(state): State<Arc<Mutex<FakeState>>>, req: Request) 
 pub struct Exporter {
     pub addr: SocketAddr,
     pub app: Arc<App>,
-    server: tokio::task::JoinHandle<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    stop: tokio::sync::oneshot::Sender<()>,
     scheme: &'static str,
 }
 
@@ -186,32 +204,16 @@ impl Exporter {
     ) -> Exporter {
         let settings = config::load(path, &Overrides::default(), &config::ProcessEnv)
             .expect("test config is valid");
-        let app = App::start(settings, Some(path.to_path_buf()), Overrides::default())
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let options = Options {
+            config_path: Some(path.to_path_buf()),
+            web,
+            ..Options::default()
+        };
+        let application = Application::build_on(listener, settings, options)
             .await
             .expect("exporter starts");
-        if let Some(web) = &web {
-            let web = web.clone();
-            app.on_reload(Box::new(move || web.reload()));
-        }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let scheme = if web.as_ref().is_some_and(|w| w.is_tls()) {
-            "https"
-        } else {
-            "http"
-        };
-        let router = genai_task_exporter::http::router(app.clone());
-        let server = tokio::spawn(async move {
-            genai_task_exporter::web::serve(listener, router, web, std::future::pending())
-                .await
-                .unwrap()
-        });
-        Exporter {
-            addr,
-            app,
-            server,
-            scheme,
-        }
+        Exporter::serve(application)
     }
 
     /// Starts the exporter from YAML; `env` supplies the variables the YAML names.
@@ -248,26 +250,48 @@ impl Exporter {
         env: &[(&str, &str)],
         state_dir: &Path,
     ) -> Result<Exporter, genai_task_exporter::app::StartError> {
-        let yaml = format!("state:\n  path: {}\n{yaml}", state_dir.display());
-        let file = config::parse(&yaml).expect("test config parses");
-        let vars: HashMap<String, String> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let lookup = move |name: &str| vars.get(name).cloned();
-        let settings =
-            config::resolve(file, Path::new("test.yaml"), &Overrides::default(), &lookup)
-                .expect("test config is valid");
-        let app = App::start(settings, None, Overrides::default()).await?;
-        let addr = listener.local_addr().unwrap();
-        let router = genai_task_exporter::http::router(app.clone());
-        let server = tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-        Ok(Exporter {
+        let settings = settings_from_yaml(yaml, env, state_dir);
+        let application = Application::build_on(listener, settings, Options::default()).await?;
+        Ok(Exporter::serve(application))
+    }
+
+    /// Serves `application` in the background until [`Exporter::stop`].
+    fn serve(application: Application) -> Exporter {
+        let addr = application.addr();
+        let app = application.app();
+        let scheme = if application.is_tls() {
+            "https"
+        } else {
+            "http"
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(application.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        Exporter {
             addr,
             app,
             server,
-            scheme: "http",
-        })
+            stop,
+            scheme,
+        }
+    }
+
+    /// Tracks `id` for `provider` as the registration API would: a canary whose polls show
+    /// that the provider's poller keeps going round.
+    pub fn track(&self, provider: &str, id: &str) {
+        self.app
+            .with_runtime(provider, |rt| rt.tasks.track(id, Source::Api, now_millis()))
+            .expect("provider runs");
+    }
+
+    /// Stops tracking `id` (a canary no longer needed).
+    pub fn untrack(&self, provider: &str, id: &str) {
+        let untracked = self
+            .app
+            .with_runtime(provider, |rt| rt.tasks.untrack(id, now_millis()))
+            .expect("provider runs");
+        assert!(untracked, "{id} was tracked");
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -304,10 +328,32 @@ impl Exporter {
         }
     }
 
+    /// Stops serving, stops the providers and commits what is pending, as SIGTERM does.
     pub async fn stop(self) {
-        self.server.abort();
-        self.app.shutdown().await;
+        let _ = self.stop.send(());
+        match tokio::time::timeout(Duration::from_secs(20), self.server).await {
+            Ok(served) => served.expect("server task").expect("server"),
+            Err(_) => panic!("the exporter did not stop within 20 s"),
+        }
     }
+}
+
+/// Settings from test YAML with the state in `state_dir`; `env` supplies the variables the
+/// YAML names.
+pub fn settings_from_yaml(
+    yaml: &str,
+    env: &[(&str, &str)],
+    state_dir: &Path,
+) -> genai_task_exporter::config::Settings {
+    let yaml = format!("state:\n  path: {}\n{yaml}", state_dir.display());
+    let file = config::parse(&yaml).expect("test config parses");
+    let vars: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let lookup = move |name: &str| vars.get(name).cloned();
+    config::resolve(file, Path::new("test.yaml"), &Overrides::default(), &lookup)
+        .expect("test config is valid")
 }
 
 // ---------------------------------------------------------------------------------------
