@@ -183,4 +183,62 @@ mod tests {
             );
         }
     }
+
+    /// `promtool check metrics` on a live page where every family has a series.
+    #[tokio::test]
+    async fn a_live_page_with_every_family_passes_promtool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, url) = serve_exporter(dir.path()).await;
+        let m = &app.metrics;
+        m.observe_detection_delay("mx", "webhook", 0.3);
+        m.record_proxy_request("mx", "submit", "200", 0.04);
+        m.count_proxy_rejection("mx", "invalid_body");
+        m.count_task_panic("poller");
+        m.count_webhook("mx", "accepted");
+        m.count_discovery_error("mx", "file");
+        // Durable counts appear once the persister has committed them.
+        let client = reqwest::Client::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let page = loop {
+            let page = client.get(&url).send().await.unwrap().text().await.unwrap();
+            if page.contains("genai_proxy_submit_rejections_total{") {
+                break page;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never committed:\n{page}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        for name in [
+            "genai_exporter_store_up 1",
+            "genai_task_detection_delay_seconds_count{provider=\"mx\",via=\"webhook\"} 1",
+            "genai_proxy_requests_total{provider=\"mx\",endpoint=\"submit\",code=\"200\"} 1",
+            "genai_proxy_request_duration_seconds_count{provider=\"mx\",endpoint=\"submit\"} 1",
+            "genai_exporter_task_panics_total{task=\"poller\"} 1",
+        ] {
+            assert!(page.lines().any(|l| l == name), "missing {name}:\n{page}");
+        }
+        let mut promtool = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool is installed");
+        use std::io::Write;
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(page.as_bytes())
+            .unwrap();
+        let out = promtool.wait_with_output().unwrap();
+        let complaints = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && complaints.is_empty(),
+            "{complaints}"
+        );
+    }
 }
