@@ -16,14 +16,14 @@ const DETECTION_BUCKETS: &[f64] = &[
 
 /// What a family is, and for histograms where its bucket bounds come from.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Counter,
     Gauge,
     Histogram(Buckets),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Buckets {
+pub(crate) enum Buckets {
     /// `metrics.latency_buckets` of the configuration.
     Configured,
     Fixed(&'static [f64]),
@@ -31,7 +31,7 @@ pub enum Buckets {
 
 /// Where a family's values live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Storage {
+pub(crate) enum Storage {
     /// Committed to the store before it is shown, restored at start-up: never goes down
     /// across restarts. `row` prefixes the family's store rows (stable: changing it loses
     /// the saved totals). The first label is always `provider`.
@@ -44,13 +44,13 @@ pub enum Storage {
 
 /// One row of the table.
 #[derive(Debug)]
-pub struct FamilyDef {
-    pub name: &'static str,
-    pub help: &'static str,
-    pub kind: Kind,
-    pub storage: Storage,
+pub(crate) struct FamilyDef {
+    pub(crate) name: &'static str,
+    pub(crate) help: &'static str,
+    pub(crate) kind: Kind,
+    pub(crate) storage: Storage,
     /// Label names, in the order they are rendered.
-    pub labels: &'static [&'static str],
+    pub(crate) labels: &'static [&'static str],
 }
 
 macro_rules! families {
@@ -60,9 +60,9 @@ macro_rules! families {
         pub enum Family { $($family),* }
 
         impl Family {
-            pub const ALL: &[Family] = &[$(Family::$family),*];
+            pub(crate) const ALL: &[Family] = &[$(Family::$family),*];
 
-            pub fn def(self) -> &'static FamilyDef {
+            pub(crate) fn def(self) -> &'static FamilyDef {
                 match self { $(Family::$family => const { &$def }),* }
             }
         }
@@ -259,7 +259,7 @@ families! {
 
 impl Family {
     /// The store row prefix of a durable family.
-    pub fn row_prefix(self) -> Option<&'static str> {
+    pub(crate) fn row_prefix(self) -> Option<&'static str> {
         match self.def().storage {
             Storage::Durable { row } => Some(row),
             _ => None,
@@ -267,7 +267,7 @@ impl Family {
     }
 
     /// A durable family's labels after `provider` (the part a series key stores).
-    pub fn labels_after_provider(self) -> &'static [&'static str] {
+    pub(crate) fn labels_after_provider(self) -> &'static [&'static str] {
         &self.def().labels[1..]
     }
 }

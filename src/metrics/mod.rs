@@ -1,7 +1,7 @@
 //! Metric families and the `/metrics` page.
 //!
-//! - [`families`]: every family in one table (name, help, labels, kind, where it lives).
-//! - [`accounting`]: the durable totals (task counters, latency and request histograms)
+//! - `families`: every family in one table (name, help, labels, kind, where it lives).
+//! - `accounting`: the durable totals (task counters, latency and request histograms)
 //!   and their store rows; staged, committed by the persister, then published.
 //! - `collect`: gauges read from the registry at scrape time.
 //! - `render`: gather + encode.
@@ -11,9 +11,9 @@
 //! live gauges are ordinary `prometheus` crate metrics. Series of providers no longer
 //! configured are left off the page.
 
-pub mod accounting;
+mod accounting;
 mod collect;
-pub mod families;
+mod families;
 mod render;
 
 use std::collections::{HashMap, HashSet};
@@ -269,7 +269,8 @@ impl Metrics {
 
     #[cfg(test)]
     fn inject_fault(&self, families: &mut Vec<prometheus::proto::MetricFamily>) {
-        match *self.render_fault.lock().expect("metrics lock") {
+        let fault = *self.render_fault.lock().expect("metrics lock");
+        match fault {
             None => {}
             Some(RenderFault::Panic) => panic!("injected render fault"),
             Some(RenderFault::MalformedFamily) => families.push(render::family_of(
