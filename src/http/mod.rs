@@ -60,7 +60,13 @@ async fn metrics(State(app): State<AppState>) -> Response {
                 .into_response();
         }
         Ok(Err(error)) => error.to_string(),
-        Err(join_error) if join_error.is_panic() => "rendering panicked".to_string(),
+        Err(join_error) if join_error.is_panic() => {
+            let panic = join_error.into_panic();
+            let message = (panic.downcast_ref::<&str>().copied())
+                .or(panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("no message");
+            format!("rendering panicked: {message}")
+        }
         Err(join_error) => join_error.to_string(),
     };
     tracing::error!(error = %failure, "cannot render /metrics");
