@@ -147,7 +147,7 @@ fn render(c: &mut Criterion) {
     let mut g = c.benchmark_group("render_metrics");
     for n in [1_000, 100_000] {
         let (registry, tasks) = registry_with(n);
-        let metrics = Metrics::new(DEFAULT_LATENCY_BUCKETS.to_vec(), registry.clone());
+        let metrics = Metrics::new(DEFAULT_LATENCY_BUCKETS.to_vec());
         metrics.set_providers(&["maxapi".to_string()]);
         // Series: every model finishing with every terminal status, upstream codes.
         for (i, model) in MODELS.iter().enumerate() {
@@ -181,7 +181,9 @@ fn render(c: &mut Criterion) {
             .accounting
             .stage_counts(&mut staged, metrics.take_pending_counts());
         metrics.accounting.publish(staged);
-        g.bench_function(format!("{n}_tasks"), |b| b.iter(|| metrics.render()));
+        g.bench_function(format!("{n}_tasks"), |b| {
+            b.iter(|| metrics.render(&registry).unwrap())
+        });
     }
     g.finish();
 }

@@ -143,10 +143,7 @@ impl App {
             settings.max_models_per_provider,
             settings.shard,
         ));
-        let metrics = Arc::new(Metrics::new(
-            settings.latency_buckets.clone(),
-            registry.clone(),
-        ));
+        let metrics = Arc::new(Metrics::new(settings.latency_buckets.clone()));
         metrics.set_shard(settings.shard.index, settings.shard.count);
 
         let state_path = settings.state_path.clone();

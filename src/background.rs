@@ -117,12 +117,10 @@ pub(crate) fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::Registry;
     use std::sync::atomic::{AtomicU32, Ordering};
 
     fn metrics() -> Arc<Metrics> {
-        let registry = Arc::new(Registry::new(50, Default::default()));
-        Arc::new(Metrics::new(vec![1.0], registry))
+        Arc::new(Metrics::new(vec![1.0]))
     }
 
     fn panics_counted(metrics: &Metrics, task: &str) -> u64 {

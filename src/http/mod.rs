@@ -43,16 +43,36 @@ pub fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// Renders on the blocking pool. A failed render (an encoder error, or a panic) is a 500
+/// and an error log line: an empty 200 would look to Prometheus like a healthy target
+/// exporting nothing.
 async fn metrics(State(app): State<AppState>) -> Response {
-    let body = tokio::task::spawn_blocking(move || app.metrics.render())
-        .await
-        .unwrap_or_default();
+    let rendered = tokio::task::spawn_blocking(move || app.metrics.render(&app.registry)).await;
+    let failure = match rendered {
+        Ok(Ok(body)) => {
+            return (
+                [(
+                    header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                body,
+            )
+                .into_response();
+        }
+        Ok(Err(error)) => error.to_string(),
+        Err(join_error) if join_error.is_panic() => {
+            let panic = join_error.into_panic();
+            let message = (panic.downcast_ref::<&str>().copied())
+                .or(panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("no message");
+            format!("rendering panicked: {message}")
+        }
+        Err(join_error) => join_error.to_string(),
+    };
+    tracing::error!(error = %failure, "cannot render /metrics");
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "cannot render metrics; see the exporter's log\n",
     )
         .into_response()
 }
@@ -113,5 +133,118 @@ pub(crate) fn authorize(app: &App, headers: &HeaderMap) -> Result<(), Response> 
             "missing or wrong bearer token\n",
         )
             .into_response())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{self, Overrides};
+    use crate::metrics::RenderFault;
+
+    /// The exporter with one provider (its upstream refuses connections), served on
+    /// 127.0.0.1; returns the app and the `/metrics` URL.
+    async fn serve_exporter(dir: &std::path::Path) -> (Arc<App>, String) {
+        let path = dir.join("config.yaml");
+        let yaml = format!(
+            "state: {{path: {}}}\nproviders:\n  - {{name: mx, type: maxapi, base_url: \"http://127.0.0.1:1\", token_env: MX_KEY}}\n",
+            dir.join("state").display()
+        );
+        std::fs::write(&path, yaml).unwrap();
+        let env = |name: &str| (name == "MX_KEY").then(|| "key".to_string());
+        let settings = config::load(&path, &Overrides::default(), &env).unwrap();
+        let app = App::start(settings, None, Overrides::default())
+            .await
+            .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/metrics", listener.local_addr().unwrap());
+        let router = router(app.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+        (app, url)
+    }
+
+    #[tokio::test]
+    async fn metrics_answers_500_when_rendering_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, url) = serve_exporter(dir.path()).await;
+        let client = reqwest::Client::new();
+
+        let ok = client.get(&url).send().await.unwrap();
+        assert_eq!(ok.status(), 200);
+        assert!(
+            ok.text()
+                .await
+                .unwrap()
+                .contains("genai_exporter_build_info{")
+        );
+
+        for fault in [RenderFault::MalformedFamily, RenderFault::Panic] {
+            app.metrics.fail_renders_with(fault);
+            let failed = client.get(&url).send().await.unwrap();
+            assert_eq!(failed.status(), 500, "{fault:?}");
+            let body = failed.text().await.unwrap();
+            assert!(
+                body.starts_with("cannot render metrics"),
+                "{fault:?}: {body}"
+            );
+        }
+    }
+
+    /// `promtool check metrics` on a live page where every family has a series.
+    #[tokio::test]
+    async fn a_live_page_with_every_family_passes_promtool() {
+        let dir = tempfile::tempdir().unwrap();
+        let (app, url) = serve_exporter(dir.path()).await;
+        let m = &app.metrics;
+        m.observe_detection_delay("mx", "webhook", 0.3);
+        m.record_proxy_request("mx", "submit", "200", 0.04);
+        m.count_proxy_rejection("mx", "invalid_body");
+        m.count_task_panic("poller");
+        m.count_webhook("mx", "accepted");
+        m.count_discovery_error("mx", "file");
+        // Durable counts appear once the persister has committed them.
+        let client = reqwest::Client::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let page = loop {
+            let page = client.get(&url).send().await.unwrap().text().await.unwrap();
+            if page.contains("genai_proxy_submit_rejections_total{") {
+                break page;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never committed:\n{page}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        for name in [
+            "genai_exporter_store_up 1",
+            "genai_task_detection_delay_seconds_count{provider=\"mx\",via=\"webhook\"} 1",
+            "genai_proxy_requests_total{provider=\"mx\",endpoint=\"submit\",code=\"200\"} 1",
+            "genai_proxy_request_duration_seconds_count{provider=\"mx\",endpoint=\"submit\"} 1",
+            "genai_exporter_task_panics_total{task=\"poller\"} 1",
+        ] {
+            assert!(page.lines().any(|l| l == name), "missing {name}:\n{page}");
+        }
+        let mut promtool = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool is installed");
+        use std::io::Write;
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(page.as_bytes())
+            .unwrap();
+        let out = promtool.wait_with_output().unwrap();
+        let complaints = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && complaints.is_empty(),
+            "{complaints}"
+        );
     }
 }
