@@ -94,6 +94,9 @@ fn live<T: Collector + Clone + 'static>(
     metric
 }
 
+/// The `operation` values of `genai_exporter_store_errors_total`.
+pub(crate) const STORE_OPERATIONS: [&str; 4] = ["commit", "reopen", "replaced", "expire"];
+
 impl Metrics {
     pub fn new(latency_buckets: Vec<f64>) -> Self {
         let prom = PromRegistry::new();
@@ -106,6 +109,12 @@ impl Metrics {
         let build_info: IntGaugeVec = live(&prom, Family::BuildInfo, IntGaugeVec::new);
         build_info.with_label_values(&[VERSION, REVISION]).set(1);
         let gauge = |family| live(&prom, family, |opts, _| IntGauge::with_opts(opts));
+        // Every store operation's series exists from the start, at 0, so `increase()` and
+        // the dashboard's error panel read 0 rather than no data on a healthy store.
+        let store_errors: IntCounterVec = live(&prom, Family::StoreErrors, IntCounterVec::new);
+        for operation in STORE_OPERATIONS {
+            store_errors.with_label_values(&[operation]);
+        }
 
         Metrics {
             accounting: Accounting::new(latency_buckets),
@@ -119,7 +128,7 @@ impl Metrics {
                 Gauge::with_opts(opts)
             }),
             store_up: gauge(Family::StoreUp),
-            store_errors: live(&prom, Family::StoreErrors, IntCounterVec::new),
+            store_errors,
             task_panics: live(&prom, Family::TaskPanics, IntCounterVec::new),
             shard_info: live(&prom, Family::ShardInfo, IntGaugeVec::new),
             active: RwLock::new(HashSet::new()),
