@@ -160,6 +160,13 @@ pub struct ModelSim {
     /// Longest creation-to-terminal time (drawn uniformly in between). Default 5s.
     #[serde(with = "duration")]
     pub latency_max: Duration,
+    /// Shortest creation-to-terminal time of a task that fails or times out, when failures
+    /// end sooner (or later) than successes. Default `latency_min`.
+    #[serde(with = "opt_duration")]
+    pub failure_latency_min: Option<Duration>,
+    /// Longest creation-to-terminal time of a failing task. Default `latency_max`.
+    #[serde(with = "opt_duration")]
+    pub failure_latency_max: Option<Duration>,
     /// Fraction of the latency spent pending before a worker takes the task. Default 0.2.
     pub pending_share: f64,
     /// Share of tasks that fail (`FAILURE` / `failed`), reason drawn from `failure_reasons`.
@@ -187,6 +194,16 @@ impl ModelSim {
     }
 }
 
+impl ModelSim {
+    /// Creation-to-terminal range of a failing or timed-out task.
+    pub(crate) fn failure_range(&self) -> (Duration, Duration) {
+        (
+            self.failure_latency_min.unwrap_or(self.latency_min),
+            self.failure_latency_max.unwrap_or(self.latency_max),
+        )
+    }
+}
+
 impl Default for ModelSim {
     fn default() -> Self {
         ModelSim {
@@ -195,6 +212,8 @@ impl Default for ModelSim {
             kind: ModelKind::Image,
             latency_min: Duration::from_secs(1),
             latency_max: Duration::from_secs(5),
+            failure_latency_min: None,
+            failure_latency_max: None,
             pending_share: 0.2,
             failure_ratio: 0.0,
             timeout_ratio: 0.0,
@@ -353,6 +372,8 @@ impl SimConfig {
             kind: ModelKind::Image,
             latency_min: Duration::from_secs(min),
             latency_max: Duration::from_secs(max),
+            failure_latency_min: None,
+            failure_latency_max: None,
             pending_share: 0.25,
             failure_ratio: 0.08,
             timeout_ratio: 0.01,
@@ -366,6 +387,8 @@ impl SimConfig {
             kind: ModelKind::Video,
             latency_min: Duration::from_secs(120),
             latency_max: Duration::from_secs(480),
+            failure_latency_min: None,
+            failure_latency_max: None,
             pending_share: 0.3,
             failure_ratio: 0.06,
             timeout_ratio: 0.03,
@@ -474,6 +497,12 @@ impl ProviderSim {
                 return Err(invalid(
                     format!("{path}.latency_min"),
                     "must not exceed latency_max",
+                ));
+            }
+            if m.failure_range().0 > m.failure_range().1 {
+                return Err(invalid(
+                    format!("{path}.failure_latency_min"),
+                    "must not exceed failure_latency_max (or latency_max)",
                 ));
             }
             for (key, v) in [
@@ -605,6 +634,22 @@ mod duration {
         humantime::parse_duration(&text).map_err(|e| {
             serde::de::Error::custom(format!("invalid duration {text:?}: {e} (e.g. \"500ms\")"))
         })
+    }
+}
+
+/// Optional humantime strings (`null` or absent: none).
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(text) => humantime::parse_duration(&text).map(Some).map_err(|e| {
+                serde::de::Error::custom(format!("invalid duration {text:?}: {e} (e.g. \"500ms\")"))
+            }),
+        }
     }
 }
 
