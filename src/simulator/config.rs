@@ -674,7 +674,7 @@ maxapi:
     tasks_per_second: 5
     total_tasks: 100
     models:
-      - {name: nano-banana, latency_min: 100ms, latency_max: 2s, failure_ratio: 0.1}
+      - {name: nano-banana, latency_min: 100ms, latency_max: 2s, failure_ratio: 0.1, failure_latency_max: 150ms}
       - {name: seedance, kind: video, latency_min: 1s, latency_max: 3s, cancel_ratio: 0.2}
   faults:
     error_500_ratio: 0.05
@@ -693,6 +693,12 @@ apimall:
             Duration::from_millis(100)
         );
         assert_eq!(cfg.maxapi.workload.models[1].kind, ModelKind::Video);
+        assert_eq!(
+            cfg.maxapi.workload.models[0].failure_range(),
+            (Duration::from_millis(100), Duration::from_millis(150)),
+            "failure_latency_min defaults to latency_min"
+        );
+        assert_eq!(cfg.maxapi.workload.models[1].failure_latency_max, None);
         assert_eq!(cfg.maxapi.faults.outages[0].start, Duration::from_secs(10));
         assert_eq!(cfg.apimall.faults.retry_after, None);
         assert_eq!(cfg.apimall.faults.timeout_delay, Duration::from_secs(2));
@@ -707,6 +713,15 @@ apimall:
                 .to_string();
         assert!(
             err.contains("apimall.workload.models[0].cancel_ratio"),
+            "{err}"
+        );
+        let err = SimConfig::from_yaml(
+            "maxapi: {workload: {models: [{name: m, latency_min: 5s, failure_latency_max: 1s}]}}",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("maxapi.workload.models[0].failure_latency_min"),
             "{err}"
         );
         let err = SimConfig::from_yaml("maxapi: {faults: {timeout_delay: soon}}")
