@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use genai_task_exporter::simulator::{
     APIMALL_FAILURE_MESSAGES, FailureMix, Faults, GroundTruth, MAXAPI_FAILURE_REASONS, ModelKind,
-    ModelSim, OutcomeList, Outage, PollReport, Register, SimConfig, SimProvider, Simulator,
+    ModelSim, Outage, OutcomeList, PollReport, Register, SimConfig, SimProvider, Simulator,
     TaskList,
 };
 use genai_task_exporter::task::FailureReason;
@@ -1178,11 +1178,12 @@ async fn failures_take_their_own_time_and_outcomes_report_each_completion() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
-    assert!((updated - t.completed_at).abs() < 1e-3, "{updated} vs {t:?}");
-    let after: OutcomeList = serde_json::from_slice(
-        &s.get("/_sim/outcomes?provider=maxapi", None).await.body,
-    )
-    .unwrap();
+    assert!(
+        (updated - t.completed_at).abs() < 1e-3,
+        "{updated} vs {t:?}"
+    );
+    let after: OutcomeList =
+        serde_json::from_slice(&s.get("/_sim/outcomes?provider=maxapi", None).await.body).unwrap();
     let again = after.tasks.iter().find(|o| o.task_id == t.task_id).unwrap();
     assert!(again.terminal);
     assert!(again.polls >= 1);
