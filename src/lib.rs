@@ -12,24 +12,24 @@
 //! counts to the `store` and then publishes them to `metrics`, which `http` serves.
 //! `web` puts TLS, basic auth and response headers in front of the `http` router.
 
-pub mod account;
+pub(crate) mod account;
 pub mod app;
-pub mod background;
+pub(crate) mod background;
 pub mod clock;
 pub mod config;
 pub mod demo;
-pub mod discovery;
+pub(crate) mod discovery;
 pub mod http;
 pub mod logging;
 pub mod metrics;
-pub mod persist;
-pub mod poller;
+pub(crate) mod persist;
+pub(crate) mod poller;
 pub mod providers;
 pub mod proxy;
 pub mod registry;
 pub mod reshard;
 pub mod secret;
-pub mod shard;
+pub(crate) mod shard;
 pub mod simulator;
 pub mod startup;
 pub mod store;

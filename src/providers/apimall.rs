@@ -9,7 +9,7 @@ use super::wire::{self, lenient, lenient_object};
 use super::{Balance, FailureClass, FailureRules, HistoryKind, HistoryPage, UpstreamFailure};
 use crate::task::{Observation, Status};
 
-pub const BALANCE_PATH: &str = "/api/v1/account/balances";
+pub(crate) const BALANCE_PATH: &str = "/api/v1/account/balances";
 
 /// Documented bounds of the history `limit` parameter.
 const HISTORY_LIMIT: std::ops::RangeInclusive<u32> = 1..=50;
@@ -132,7 +132,7 @@ impl Apimall {
         Apimall { rules }
     }
 
-    pub fn task_path(&self, task_id: &str) -> String {
+    pub(crate) fn task_path(&self, task_id: &str) -> String {
         format!(
             "/api/v1/{}/{}",
             kind_of(task_id).as_str(),
@@ -140,7 +140,7 @@ impl Apimall {
         )
     }
 
-    pub fn parse_task(
+    pub(crate) fn parse_task(
         &self,
         http_status: u16,
         body: &[u8],
@@ -151,7 +151,7 @@ impl Apimall {
 
     /// apimall documents no delivery body: accept the get-task envelope or its bare `data`.
     /// The registry confirms the task with a poll in any case.
-    pub fn parse_webhook(&self, body: &[u8]) -> Result<Observation, UpstreamFailure> {
+    pub(crate) fn parse_webhook(&self, body: &[u8]) -> Result<Observation, UpstreamFailure> {
         let mut value: serde_json::Value = wire::decode(body)?;
         let task = match value.get_mut("data").map(serde_json::Value::take) {
             Some(data) if data.is_object() => data,
@@ -164,7 +164,7 @@ impl Apimall {
 
     /// `limit` is clamped to the documented 1–50, and so is the `limit` given to
     /// [`Apimall::parse_history`], so both agree on what a short page is.
-    pub fn history_path(&self, kind: HistoryKind, page: u32, limit: u32) -> String {
+    pub(crate) fn history_path(&self, kind: HistoryKind, page: u32, limit: u32) -> String {
         format!(
             "/api/v1/{}/history?page={}&limit={}",
             kind.as_str(),
@@ -175,7 +175,7 @@ impl Apimall {
 
     /// Items without an id or a status are skipped, but still count towards the page length:
     /// a malformed item must not end the listing early.
-    pub fn parse_history(
+    pub(crate) fn parse_history(
         &self,
         http_status: u16,
         body: &[u8],
@@ -194,7 +194,11 @@ impl Apimall {
         Ok(HistoryPage { items, is_last })
     }
 
-    pub fn parse_balance(&self, http_status: u16, body: &[u8]) -> Result<Balance, UpstreamFailure> {
+    pub(crate) fn parse_balance(
+        &self,
+        http_status: u16,
+        body: &[u8],
+    ) -> Result<Balance, UpstreamFailure> {
         let balance: WireBalance = unwrap_envelope(http_status, body)?;
         let finite = |v: Option<f64>| v.filter(|v| v.is_finite());
         Ok(Balance {

@@ -71,7 +71,7 @@ pub enum HistoryKind {
 }
 
 impl HistoryKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             HistoryKind::Images => "images",
             HistoryKind::Videos => "videos",
@@ -119,7 +119,7 @@ impl Adapter {
     }
 
     /// Whether this provider has a history listing and a balance endpoint.
-    pub fn supports_discovery(&self) -> bool {
+    pub(crate) fn supports_discovery(&self) -> bool {
         matches!(self, Adapter::Apimall(_))
     }
 

@@ -23,7 +23,7 @@ pub enum ProxyEndpoint {
 }
 
 impl ProxyEndpoint {
-    pub const ALL: [ProxyEndpoint; 5] = [
+    pub(crate) const ALL: [ProxyEndpoint; 5] = [
         ProxyEndpoint::Submit,
         ProxyEndpoint::Task,
         ProxyEndpoint::History,
@@ -31,7 +31,7 @@ impl ProxyEndpoint {
         ProxyEndpoint::Other,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ProxyEndpoint::Submit => "submit",
             ProxyEndpoint::Task => "task",
@@ -47,7 +47,7 @@ const APIMALL_KINDS: [&str; 3] = ["images", "videos", "audio"];
 
 /// Classifies a request by method and decoded path segments (providers.md §1, §2). The task
 /// id of a get-task request is returned with it, for the observer.
-pub fn classify(
+pub(crate) fn classify(
     kind: ProviderKind,
     method: &Method,
     segments: &[String],
@@ -93,7 +93,7 @@ pub enum ProxyCode {
 }
 
 impl ProxyCode {
-    pub fn label(self) -> Cow<'static, str> {
+    pub(crate) fn label(self) -> Cow<'static, str> {
         match self {
             ProxyCode::Status(status) => Cow::Owned(status.to_string()),
             ProxyCode::ConnectError => Cow::Borrowed("connect_error"),

@@ -53,7 +53,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Refusal::BadPath => "bad_path",
             Refusal::BodyTooLarge => "body_too_large",
@@ -79,14 +79,14 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 4] = [
+    pub(crate) const ALL: [RejectReason; 4] = [
         RejectReason::ContentModeration,
         RejectReason::InvalidParameters,
         RejectReason::InsufficientCredits,
         RejectReason::Other,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RejectReason::ContentModeration => "content_moderation",
             RejectReason::InvalidParameters => "invalid_parameters",
@@ -115,7 +115,7 @@ pub struct TaskAnswer {
 
 /// What a submit answer says.
 #[derive(Debug, Clone, PartialEq)]
-pub enum SubmitOutcome {
+pub(crate) enum SubmitOutcome {
     Submitted(Submission),
     Rejected(RejectReason),
     /// Anything else: authentication, throttling, server errors, unreadable bodies.
@@ -162,7 +162,7 @@ fn text(value: Option<&Value>) -> Option<&str> {
 
 /// Reads a submit answer. `rules` classifies the provider's free-text message (the same
 /// rules as task failure messages, providers.md §4).
-pub fn parse_submit(
+pub(crate) fn parse_submit(
     kind: ProviderKind,
     status: u16,
     body: &[u8],

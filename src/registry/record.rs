@@ -8,7 +8,7 @@ const RECORD_VERSION: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
 #[error("task record is corrupt or of an unknown version")]
-pub struct DecodeError;
+pub(crate) struct DecodeError;
 
 /// A record as read, borrowing its text from the record bytes.
 #[derive(Debug, PartialEq)]

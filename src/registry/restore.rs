@@ -9,13 +9,13 @@ use super::schedule::Next;
 use super::table::{COUNTED, Inner, NO_TIME, id_hash, slot_hasher};
 
 /// Restores many records under one lock; see [`ProviderTasks::restorer`](super::ProviderTasks::restorer).
-pub struct Restorer<'a> {
+pub(crate) struct Restorer<'a> {
     pub(super) inner: MutexGuard<'a, Inner>,
 }
 
 impl Restorer<'_> {
     /// Makes room for `additional` more tasks (start-up knows how many rows there are).
-    pub fn reserve(&mut self, additional: usize) {
+    pub(crate) fn reserve(&mut self, additional: usize) {
         let inner = &mut *self.inner;
         inner.slots.reserve(additional);
         inner
@@ -24,7 +24,7 @@ impl Restorer<'_> {
     }
 
     /// Like [`ProviderTasks::restore_task`](super::ProviderTasks::restore_task).
-    pub fn task(&mut self, id: &str, record: &[u8], now: i64) -> Result<(), DecodeError> {
+    pub(crate) fn task(&mut self, id: &str, record: &[u8], now: i64) -> Result<(), DecodeError> {
         let inner = &mut *self.inner;
         let d = decode_task(record)?;
         let task_id = TaskId::new(id);
@@ -70,7 +70,7 @@ impl Restorer<'_> {
     }
 
     /// Like [`ProviderTasks::restore_tombstone`](super::ProviderTasks::restore_tombstone).
-    pub fn tombstone(&mut self, id: &str, last_seen: i64) {
+    pub(crate) fn tombstone(&mut self, id: &str, last_seen: i64) {
         self.inner.tombstones.insert(id_hash(id), last_seen);
     }
 }

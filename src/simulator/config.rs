@@ -129,13 +129,13 @@ pub enum ModelKind {
 }
 
 impl ModelKind {
-    pub const ALL: [ModelKind; 3] = [ModelKind::Image, ModelKind::Video, ModelKind::Audio];
+    pub(crate) const ALL: [ModelKind; 3] = [ModelKind::Image, ModelKind::Video, ModelKind::Audio];
 
     pub(crate) fn index(self) -> usize {
         self as usize
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ModelKind::Image => "image",
             ModelKind::Video => "video",
@@ -334,7 +334,7 @@ impl SimConfig {
     /// Check every value; the first problem is returned with its key path.
     /// [`crate::simulator::Simulator::new`] does not call this: it clamps instead, so that a
     /// test's hand-built config can never make it panic.
-    pub fn validate(&self) -> Result<(), SimConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), SimConfigError> {
         if self.max_tasks == 0 {
             return Err(invalid("max_tasks", "must be at least 1"));
         }
@@ -599,7 +599,7 @@ mod duration {
 
     use serde::{Deserialize, Deserializer};
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         crate::config::HumanDuration::deserialize(d).map(|d| d.0)
     }
 }

@@ -39,14 +39,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+pub use config::SimConfigError;
 pub use config::{
-    FailureMix, Faults, ModelKind, ModelSim, Outage, ProviderSim, Register, SimConfig,
-    SimConfigError, Workload,
+    FailureMix, Faults, ModelKind, ModelSim, Outage, ProviderSim, Register, SimConfig, Workload,
 };
-pub use truth::{
-    DeliveryCounts, FaultCounts, GroundTruth, ModelTruth, PollReport, PollSummary, ProviderTruth,
-    ReasonCounts, TaskList, TaskPolls, TerminalCounts,
-};
+pub use truth::DeliveryCounts;
+pub use truth::FaultCounts;
+pub use truth::ModelTruth;
+pub use truth::PollSummary;
+pub use truth::ProviderTruth;
+pub use truth::ReasonCounts;
+pub use truth::TaskPolls;
+pub use truth::TerminalCounts;
+pub use truth::{GroundTruth, PollReport, TaskList};
 pub use wire::{APIMALL_FAILURE_MESSAGES, MAXAPI_FAILURE_REASONS};
 
 use state::State;
@@ -62,7 +67,7 @@ pub enum SimProvider {
 }
 
 impl SimProvider {
-    pub const ALL: [SimProvider; 2] = [SimProvider::Maxapi, SimProvider::Apimall];
+    pub(crate) const ALL: [SimProvider; 2] = [SimProvider::Maxapi, SimProvider::Apimall];
 
     /// The provider type name (`maxapi`, `apimall`), also the key in `/_sim/*` answers.
     pub fn as_str(self) -> &'static str {
@@ -72,7 +77,7 @@ impl SimProvider {
         }
     }
 
-    pub fn parse(name: &str) -> Option<SimProvider> {
+    pub(crate) fn parse(name: &str) -> Option<SimProvider> {
         SimProvider::ALL.into_iter().find(|p| p.as_str() == name)
     }
 
@@ -160,7 +165,7 @@ impl Simulator {
     }
 
     /// The configuration in use (after clamping).
-    pub fn config(&self) -> &SimConfig {
+    pub(crate) fn config(&self) -> &SimConfig {
         &self.inner.cfg
     }
 
