@@ -20,6 +20,7 @@ impl Clock {
 
     /// A clock that starts at the system time and then follows `tokio::time`: with
     /// `tokio::time::pause()`, it moves only when the test advances time.
+    #[cfg(test)]
     pub(crate) fn tokio() -> Clock {
         Clock {
             tokio_origin: Some((now_millis(), tokio::time::Instant::now())),

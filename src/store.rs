@@ -620,18 +620,6 @@ impl Store {
         self.scan_tombstones(Some(provider_range(provider)), f)
     }
 
-    /// Reads the tasks and tombstones of one provider (a provider added by reload).
-    pub(crate) fn load_provider(&self, provider: &str) -> Result<Snapshot, StoreError> {
-        let mut snapshot = Snapshot::default();
-        self.for_each_task(provider, |k, v| {
-            snapshot.tasks.push((k.to_string(), v.to_vec()))
-        })?;
-        self.for_each_tombstone(provider, |k, v| {
-            snapshot.tombstones.push((k.to_string(), v))
-        })?;
-        Ok(snapshot)
-    }
-
     /// Deletes tombstones last mentioned before `cutoff` (ms); returns how many.
     pub(crate) fn expire_tombstones(&self, cutoff: i64) -> Result<usize, StoreError> {
         self.guard(|| {
@@ -733,9 +721,6 @@ mod tests {
         assert_eq!(stones, snap.tombstones);
         store.for_each_task("m", |_, _| panic!("prefix")).unwrap();
         assert_eq!(store.load_counters().unwrap(), snap.counters);
-        let other = store.load_provider("m").unwrap();
-        assert!(other.tasks.is_empty(), "prefix of another provider's name");
-        assert_eq!(store.load_provider("mx").unwrap().tasks.len(), 1);
         assert_eq!(store.expire_tombstones(41).unwrap(), 0);
         assert_eq!(store.expire_tombstones(43).unwrap(), 1);
         assert!(store.load().unwrap().tombstones.is_empty());

@@ -242,10 +242,6 @@ impl Upstream {
         }
     }
 
-    pub(crate) fn provider(&self) -> &str {
-        &self.provider
-    }
-
     pub fn status(&self) -> UpstreamStatus {
         lock(&self.status).clone()
     }

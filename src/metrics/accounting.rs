@@ -131,12 +131,6 @@ pub struct Staged {
     histograms: HistogramMap,
 }
 
-impl Staged {
-    pub(crate) fn is_empty(&self) -> bool {
-        self.counters.is_empty() && self.histograms.is_empty()
-    }
-}
-
 /// Counts gathered between two flushes (deltas): upstream and proxied exchanges,
 /// callbacks, discovery errors, detection delays.
 #[derive(Debug, Default)]
@@ -324,7 +318,8 @@ impl Accounting {
         }
     }
 
-    /// Current value of one counter series (tests, landing page).
+    /// Current value of one counter series.
+    #[cfg(test)]
     pub(crate) fn value(&self, family: Family, provider: &str, labels: &[&str]) -> f64 {
         self.counters
             .lock()

@@ -118,11 +118,6 @@ impl Adapter {
         }
     }
 
-    /// Whether this provider has a history listing and a balance endpoint.
-    pub(crate) fn supports_discovery(&self) -> bool {
-        matches!(self, Adapter::Apimall(_))
-    }
-
     /// `None` for providers without a history listing.
     pub fn history_path(&self, kind: HistoryKind, page: u32, limit: u32) -> Option<String> {
         match self {

@@ -23,6 +23,7 @@ pub enum ProxyEndpoint {
 }
 
 impl ProxyEndpoint {
+    #[allow(dead_code)] // used once the proxy is mounted in the exporter
     pub(crate) const ALL: [ProxyEndpoint; 5] = [
         ProxyEndpoint::Submit,
         ProxyEndpoint::Task,

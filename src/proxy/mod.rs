@@ -246,6 +246,7 @@ impl ProviderProxy {
         })
     }
 
+    #[allow(dead_code)] // used once the proxy is mounted in the exporter
     pub(crate) fn name(&self) -> &str {
         &self.name
     }
@@ -480,6 +481,7 @@ impl ProxyTable {
         self.providers.get(provider)
     }
 
+    #[allow(dead_code)] // used once the proxy is mounted in the exporter
     pub(crate) fn is_empty(&self) -> bool {
         self.providers.is_empty()
     }

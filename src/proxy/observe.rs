@@ -78,6 +78,7 @@ pub enum RejectReason {
     Other,
 }
 
+#[allow(dead_code)] // `ALL` and `as_str` are used once the proxy is mounted in the exporter
 impl RejectReason {
     pub(crate) const ALL: [RejectReason; 4] = [
         RejectReason::ContentModeration,

@@ -42,7 +42,6 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use tokio::sync::Notify;
 
 pub(crate) use gauges::GaugeSnapshot;
-pub(crate) use record::DecodeError;
 pub(crate) use restore::Restorer;
 pub use view::TaskView;
 
@@ -391,22 +390,6 @@ impl ProviderTasks {
     /// Like [`take_pending`](Self::take_pending), bookkeeping included (shutdown).
     pub fn take_pending_all(&self) -> Pending {
         self.lock().take_pending(true)
-    }
-
-    /// Restores a task record read from the store (start-up). Finished tasks come back for
-    /// the rest of their retention, in-flight ones are due within one interval. The caller
-    /// has checked that this shard owns it (`App::start`).
-    pub(crate) fn restore_task(
-        &self,
-        id: &str,
-        record: &[u8],
-        now: i64,
-    ) -> Result<(), DecodeError> {
-        self.restorer().task(id, record, now)
-    }
-
-    pub(crate) fn restore_tombstone(&self, id: &str, last_seen: i64) {
-        self.restorer().tombstone(id, last_seen);
     }
 
     /// Restores many records under one lock (start-up: a million records take a second,

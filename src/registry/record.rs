@@ -200,7 +200,7 @@ mod tests {
         assert!(decode_task(&record[..record.len() - 1]).is_err());
 
         let q = tasks();
-        q.restore_task("a", record, 20).unwrap();
+        q.restorer().task("a", record, 20).unwrap();
         q.observe(&o, 30);
         assert_eq!(
             completed(&q.take_pending().events),

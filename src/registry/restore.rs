@@ -23,7 +23,9 @@ impl Restorer<'_> {
             .reserve(additional, slot_hasher(&inner.slots, &inner.hasher));
     }
 
-    /// Like [`ProviderTasks::restore_task`](super::ProviderTasks::restore_task).
+    /// Restores a task record read from the store (start-up). Finished tasks come back for
+    /// the rest of their retention, in-flight ones are due within one interval. The caller
+    /// has checked that this shard owns it (`App::start`).
     pub(crate) fn task(&mut self, id: &str, record: &[u8], now: i64) -> Result<(), DecodeError> {
         let inner = &mut *self.inner;
         let d = decode_task(record)?;
@@ -69,7 +71,7 @@ impl Restorer<'_> {
         Ok(())
     }
 
-    /// Like [`ProviderTasks::restore_tombstone`](super::ProviderTasks::restore_tombstone).
+    /// Restores a tombstone read from the store (start-up).
     pub(crate) fn tombstone(&mut self, id: &str, last_seen: i64) {
         self.inner.tombstones.insert(id_hash(id), last_seen);
     }

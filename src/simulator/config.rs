@@ -129,18 +129,8 @@ pub enum ModelKind {
 }
 
 impl ModelKind {
-    pub(crate) const ALL: [ModelKind; 3] = [ModelKind::Image, ModelKind::Video, ModelKind::Audio];
-
     pub(crate) fn index(self) -> usize {
         self as usize
-    }
-
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            ModelKind::Image => "image",
-            ModelKind::Video => "video",
-            ModelKind::Audio => "audio",
-        }
     }
 }
 

@@ -164,11 +164,6 @@ impl Simulator {
         sim
     }
 
-    /// The configuration in use (after clamping).
-    pub(crate) fn config(&self) -> &SimConfig {
-        &self.inner.cfg
-    }
-
     /// Both providers' API paths and the `/_sim/*` paths.
     pub fn router(&self) -> axum::Router {
         self.ensure_pump();
