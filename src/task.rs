@@ -25,7 +25,7 @@ pub(crate) fn is_valid_task_id(id: &str) -> bool {
         && !id.bytes().all(|b| b == b'.')
 }
 
-/// Normalized task status: the value of the `status` label (providers.md §3).
+/// Normalized task status: the value of the `status` label (docs/providers.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Status {
     Pending,
@@ -94,7 +94,7 @@ impl fmt::Display for Status {
     }
 }
 
-/// Normalized failure reason: the value of the `reason` label (providers.md §4).
+/// Normalized failure reason: the value of the `reason` label (docs/providers.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FailureReason {
     ContentModeration,

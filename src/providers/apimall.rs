@@ -1,4 +1,4 @@
-//! apimall.ai adapter (providers.md §2): get-task per kind, history listings, the account
+//! apimall.ai adapter (docs/providers.md §2): get-task per kind, history listings, the account
 //! balance and account webhooks. apimall reports failures as free text, which
 //! [`FailureRules`] turns into the `reason` label.
 
@@ -79,7 +79,7 @@ struct WireBalance {
     api_credits: Option<f64>,
 }
 
-/// Documented statuses (providers.md §3), matched ignoring ASCII case; anything else is
+/// Documented statuses (docs/providers.md §3), matched ignoring ASCII case; anything else is
 /// `unknown`.
 const STATUSES: [(&str, Status); 5] = [
     ("pending", Status::Pending),

@@ -1,5 +1,5 @@
 //! Classification of free-text failure messages (apimall `error_message`) into the bounded
-//! `reason` label (providers.md §4).
+//! `reason` label (docs/providers.md §4).
 //!
 //! apimall has no reason enum and its wording is undocumented, so the mapping is a list of
 //! regular expressions: the user's rules from the config first, then the built-in defaults;

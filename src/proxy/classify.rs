@@ -43,10 +43,10 @@ impl ProxyEndpoint {
     }
 }
 
-/// apimall's task kinds, the second segment of its task paths (providers.md §2).
+/// apimall's task kinds, the second segment of its task paths (docs/providers.md §2).
 const APIMALL_KINDS: [&str; 3] = ["images", "videos", "audio"];
 
-/// Classifies a request by method and decoded path segments (providers.md §1, §2). The task
+/// Classifies a request by method and decoded path segments (docs/providers.md §1, §2). The task
 /// id of a get-task request is returned with it, for the observer.
 pub(crate) fn classify(
     kind: ProviderKind,

@@ -1,5 +1,5 @@
 //! What the exporter learns from proxied traffic: the [`ProxyObserver`] callbacks, and the
-//! pure parsing of submit answers (providers.md §1, §2) behind them.
+//! pure parsing of submit answers (docs/providers.md §1, §2) behind them.
 
 use std::time::Duration;
 
@@ -162,7 +162,7 @@ fn text(value: Option<&Value>) -> Option<&str> {
 }
 
 /// Reads a submit answer. `rules` classifies the provider's free-text message (the same
-/// rules as task failure messages, providers.md §4).
+/// rules as task failure messages, docs/providers.md §4).
 pub(crate) fn parse_submit(
     kind: ProviderKind,
     status: u16,

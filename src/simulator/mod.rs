@@ -2,8 +2,8 @@
 //! `demo` / `simulate`.
 //!
 //! One [`Simulator`] serves both providers' paths on one listener, with the exact wire shapes
-//! of providers.md: maxapi (`/api/v1/task/...`) and apimall (`/api/v1/images|videos|audio/...`,
-//! `/api/v1/account/balances`). Tasks are created by a background workload, by maxapi submit,
+//! of docs/providers.md §1, §2: maxapi (`/api/v1/task/...`) and apimall
+//! (`/api/v1/images|videos|audio/...`, `/api/v1/account/balances`). Tasks are created by a background workload, by maxapi submit,
 //! or directly by tests ([`Simulator::create_task`]); each task's whole life is drawn from a
 //! seeded generator at creation and then follows the wall clock. Faults (5xx, 429, slow
 //! answers, malformed bodies, outages, a rate limit) are drawn per request from the same seed

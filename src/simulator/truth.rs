@@ -53,7 +53,7 @@ pub struct ModelTruth {
     /// Terminal tasks by normalized status.
     pub terminal: TerminalCounts,
     /// Failed, timed-out and cancelled tasks by the normalized reason the exporter should
-    /// derive with its default rules (providers.md §4).
+    /// derive with its default rules (docs/providers.md §4).
     pub failures: ReasonCounts,
     /// Credits charged for every created task (apimall charges at creation).
     pub credits_used: f64,
