@@ -11,6 +11,9 @@
 //! `registry`, which decides what to count. The `persist`er commits those
 //! counts to the `store` and then publishes them to `metrics`, which `http` serves.
 //! `web` puts TLS, basic auth and response headers in front of the `http` router.
+//!
+//! `docs/architecture.md` maps every file. The binary, `tests/`, `benches/`, `examples/` and
+//! `fuzz/` are the only users of what is `pub` here; everything else is `pub(crate)`.
 
 pub(crate) mod account;
 pub mod app;
