@@ -132,7 +132,7 @@ impl Apimall {
         Apimall { rules }
     }
 
-    pub(crate) fn task_path(&self, task_id: &str) -> String {
+    pub fn task_path(&self, task_id: &str) -> String {
         format!(
             "/api/v1/{}/{}",
             kind_of(task_id).as_str(),
@@ -140,7 +140,7 @@ impl Apimall {
         )
     }
 
-    pub(crate) fn parse_task(
+    pub fn parse_task(
         &self,
         http_status: u16,
         body: &[u8],
@@ -151,7 +151,7 @@ impl Apimall {
 
     /// apimall documents no delivery body: accept the get-task envelope or its bare `data`.
     /// The registry confirms the task with a poll in any case.
-    pub(crate) fn parse_webhook(&self, body: &[u8]) -> Result<Observation, UpstreamFailure> {
+    pub fn parse_webhook(&self, body: &[u8]) -> Result<Observation, UpstreamFailure> {
         let mut value: serde_json::Value = wire::decode(body)?;
         let task = match value.get_mut("data").map(serde_json::Value::take) {
             Some(data) if data.is_object() => data,
@@ -175,7 +175,7 @@ impl Apimall {
 
     /// Items without an id or a status are skipped, but still count towards the page length:
     /// a malformed item must not end the listing early.
-    pub(crate) fn parse_history(
+    pub fn parse_history(
         &self,
         http_status: u16,
         body: &[u8],
@@ -194,11 +194,7 @@ impl Apimall {
         Ok(HistoryPage { items, is_last })
     }
 
-    pub(crate) fn parse_balance(
-        &self,
-        http_status: u16,
-        body: &[u8],
-    ) -> Result<Balance, UpstreamFailure> {
+    pub fn parse_balance(&self, http_status: u16, body: &[u8]) -> Result<Balance, UpstreamFailure> {
         let balance: WireBalance = unwrap_envelope(http_status, body)?;
         let finite = |v: Option<f64>| v.filter(|v| v.is_finite());
         Ok(Balance {

@@ -138,11 +138,11 @@ impl Maxapi {
         Maxapi {}
     }
 
-    pub(crate) fn task_path(&self, task_id: &str) -> String {
+    pub fn task_path(&self, task_id: &str) -> String {
         format!("/api/v1/task/{}", wire::encode_path_segment(task_id))
     }
 
-    pub(crate) fn parse_task(
+    pub fn parse_task(
         &self,
         http_status: u16,
         body: &[u8],
@@ -166,7 +166,7 @@ impl Maxapi {
 
     /// The callback body is the query envelope; its outer `code` is always 0, so only `data`
     /// is read.
-    pub(crate) fn parse_webhook(&self, body: &[u8]) -> Result<Observation, UpstreamFailure> {
+    pub fn parse_webhook(&self, body: &[u8]) -> Result<Observation, UpstreamFailure> {
         let envelope: Envelope = wire::decode(body)?;
         observation(envelope.data)
     }
