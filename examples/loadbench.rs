@@ -587,7 +587,9 @@ fn rss_bytes() -> u64 {
 /// RSS after asking glibc to hand free heap memory back (diagnostic: what of the RSS is
 /// live data rather than memory the allocator keeps for later).
 fn trimmed_rss_bytes() -> u64 {
+    // The same foreign call as the exporter's `persist::release_freed_memory`.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
     {
         unsafe extern "C" {
             fn malloc_trim(pad: usize) -> i32;

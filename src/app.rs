@@ -48,7 +48,7 @@ pub enum StartError {
 }
 
 /// Builds the adapter of a provider's type.
-pub fn adapter_for(settings: &ProviderSettings) -> Adapter {
+pub(crate) fn adapter_for(settings: &ProviderSettings) -> Adapter {
     match settings.kind {
         ProviderType::Maxapi => Adapter::Maxapi(Maxapi::new()),
         ProviderType::Apimall => Adapter::Apimall(Apimall::new(settings.failure_rules.clone())),
@@ -57,8 +57,8 @@ pub fn adapter_for(settings: &ProviderSettings) -> Adapter {
 
 /// A running provider: its settings and the tasks working for it.
 pub struct ProviderRuntime {
-    pub settings: ProviderSettings,
-    pub adapter: Adapter,
+    pub(crate) settings: ProviderSettings,
+    pub(crate) adapter: Adapter,
     pub upstream: Arc<Upstream>,
     pub tasks: Arc<ProviderTasks>,
     handles: Vec<JoinHandle<()>>,
@@ -74,7 +74,7 @@ impl ProviderRuntime {
     }
 
     /// Whether the provider has had its first poll: any upstream answer, or nothing to ask.
-    pub fn has_polled(&self) -> bool {
+    pub(crate) fn has_polled(&self) -> bool {
         let status = self.upstream.status();
         status.requests > 0 || (self.tasks.tracked() == 0 && !self.periodic_requests)
     }
@@ -82,19 +82,19 @@ impl ProviderRuntime {
 
 /// What the landing page shows per provider.
 #[derive(Debug, Clone)]
-pub struct ProviderSummary {
-    pub name: String,
-    pub kind: &'static str,
-    pub upstream: UpstreamStatus,
-    pub tasks_by_status: Vec<(&'static str, u64)>,
-    pub tracked: u64,
+pub(crate) struct ProviderSummary {
+    pub(crate) name: String,
+    pub(crate) kind: &'static str,
+    pub(crate) upstream: UpstreamStatus,
+    pub(crate) tasks_by_status: Vec<(&'static str, u64)>,
+    pub(crate) tracked: u64,
 }
 
 pub struct App {
     pub registry: Arc<Registry>,
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Commit progress: handlers wait on it before a 2xx.
-    pub durability: Arc<Durability>,
+    pub(crate) durability: Arc<Durability>,
     store: Arc<Store>,
     http: reqwest::Client,
     settings: RwLock<Arc<Settings>>,
@@ -120,7 +120,7 @@ type BoxedRun = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 type MakeRun = Box<dyn FnMut() -> BoxedRun + Send>;
 
 /// Re-reads something on reload; an error is reported like a configuration error.
-pub type ReloadHook = Box<dyn Fn() -> Result<(), ConfigError> + Send + Sync>;
+pub(crate) type ReloadHook = Box<dyn Fn() -> Result<(), ConfigError> + Send + Sync>;
 
 impl App {
     /// Opens the store, restores counters and tasks, and starts every provider.
@@ -133,7 +133,7 @@ impl App {
     }
 
     /// [`App::start`] with the schedules driven by `clock`.
-    pub async fn start_with_clock(
+    pub(crate) async fn start_with_clock(
         settings: Settings,
         config_path: Option<PathBuf>,
         overrides: Overrides,
@@ -244,7 +244,7 @@ impl App {
         Ok(app)
     }
 
-    pub fn settings(&self) -> Arc<Settings> {
+    pub(crate) fn settings(&self) -> Arc<Settings> {
         read(&self.settings).clone()
     }
 
@@ -428,7 +428,7 @@ impl App {
     }
 
     /// Adds something to re-read on every reload, after the configuration file.
-    pub fn on_reload(&self, hook: ReloadHook) {
+    pub(crate) fn on_reload(&self, hook: ReloadHook) {
         lock(&self.reload_hooks).push(hook);
     }
 
@@ -525,7 +525,7 @@ impl App {
         read(&self.runtimes).get(provider).map(f)
     }
 
-    pub fn summaries(&self) -> Vec<ProviderSummary> {
+    pub(crate) fn summaries(&self) -> Vec<ProviderSummary> {
         let runtimes = read(&self.runtimes);
         let mut list: Vec<ProviderSummary> = runtimes
             .values()
@@ -622,7 +622,7 @@ fn same_runtime(old: &ProviderSettings, new: &ProviderSettings) -> bool {
         && old.failure_rules_source == new.failure_rules_source
 }
 
-pub fn unix_seconds(t: SystemTime) -> f64 {
+pub(crate) fn unix_seconds(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs_f64()

@@ -20,14 +20,15 @@ impl Clock {
 
     /// A clock that starts at the system time and then follows `tokio::time`: with
     /// `tokio::time::pause()`, it moves only when the test advances time.
-    pub fn tokio() -> Clock {
+    #[cfg(test)]
+    pub(crate) fn tokio() -> Clock {
         Clock {
             tokio_origin: Some((now_millis(), tokio::time::Instant::now())),
         }
     }
 
     /// Milliseconds since the Unix epoch.
-    pub fn now_millis(&self) -> UnixMillis {
+    pub(crate) fn now_millis(&self) -> UnixMillis {
         match self.tokio_origin {
             None => now_millis(),
             Some((wall, origin)) => wall + origin.elapsed().as_millis() as UnixMillis,

@@ -17,7 +17,7 @@ const DEMO_WEBHOOK_TOKEN: &str = "demo-webhook-token";
 
 /// The exporter configuration of the demo, for an exporter at `exporter` and simulated
 /// providers at `simulator`.
-pub fn exporter_yaml(simulator: SocketAddr, state: &Path) -> String {
+pub(crate) fn exporter_yaml(simulator: SocketAddr, state: &Path) -> String {
     format!(
         r#"server:
   api_token_env: DEMO_API_TOKEN

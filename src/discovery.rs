@@ -16,12 +16,12 @@ use crate::registry::{ProviderTasks, Source, TrackOutcome, remention_interval};
 use crate::upstream::{Endpoint, Upstream};
 
 /// Page size of history requests (the documented maximum).
-pub const HISTORY_PAGE_LIMIT: u32 = 50;
+pub(crate) const HISTORY_PAGE_LIMIT: u32 = 50;
 /// Task files larger than this are refused: one id per line makes this millions of ids.
 const MAX_TASK_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Tracks the static ids of the configuration.
-pub fn track_static(tasks: &ProviderTasks, ids: &[String], clock: Clock) -> usize {
+pub(crate) fn track_static(tasks: &ProviderTasks, ids: &[String], clock: Clock) -> usize {
     let now = clock.now_millis();
     ids.iter()
         .filter(|id| tasks.track(id, Source::Static, now) == TrackOutcome::New)
@@ -30,7 +30,7 @@ pub fn track_static(tasks: &ProviderTasks, ids: &[String], clock: Clock) -> usiz
 
 /// Mentions the static ids again every `interval` (they were tracked at start), which keeps
 /// the tombstones of finished ones fresh (see `registry::remention_interval`).
-pub async fn keep_static(
+pub(crate) async fn keep_static(
     tasks: Arc<ProviderTasks>,
     ids: Vec<String>,
     interval: Duration,
@@ -45,7 +45,7 @@ pub async fn keep_static(
 }
 
 /// Parses a task file: one id per line, `#` starts a comment, blank lines ignored.
-pub fn parse_task_file(text: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn parse_task_file(text: &str) -> impl Iterator<Item = &str> {
     text.lines()
         .map(|line| line.split('#').next().unwrap_or("").trim())
         .filter(|line| !line.is_empty())
@@ -53,7 +53,7 @@ pub fn parse_task_file(text: &str) -> impl Iterator<Item = &str> {
 
 /// Watches the task files of one provider: re-reads a file when its modification time or
 /// size changes (polled every `interval`, so new ids are picked up within one interval).
-pub async fn watch_task_files(
+pub(crate) async fn watch_task_files(
     settings: ProviderSettings,
     tasks: Arc<ProviderTasks>,
     metrics: Arc<Metrics>,
@@ -134,7 +134,7 @@ fn file_error(metrics: &Metrics, provider: &str, path: &std::path::Path, error: 
 
 /// Pages through the history listings every `history.interval` and tracks new ids. Their
 /// state (and whether they are already finished) comes from the get-task poll that follows.
-pub async fn poll_history(
+pub(crate) async fn poll_history(
     history: HistorySettings,
     provider: String,
     tasks: Arc<ProviderTasks>,

@@ -11,25 +11,28 @@
 //! `registry`, which decides what to count. The `persist`er commits those
 //! counts to the `store` and then publishes them to `metrics`, which `http` serves.
 //! `web` puts TLS, basic auth and response headers in front of the `http` router.
+//!
+//! `docs/architecture.md` maps every file. The binary, `tests/`, `benches/`, `examples/` and
+//! `fuzz/` are the only users of what is `pub` here; everything else is `pub(crate)`.
 
-pub mod account;
+pub(crate) mod account;
 pub mod app;
-pub mod background;
+pub(crate) mod background;
 pub mod clock;
 pub mod config;
 pub mod demo;
-pub mod discovery;
+pub(crate) mod discovery;
 pub mod http;
 pub mod logging;
 pub mod metrics;
-pub mod persist;
-pub mod poller;
+pub(crate) mod persist;
+pub(crate) mod poller;
 pub mod providers;
 pub mod proxy;
 pub mod registry;
 pub mod reshard;
 pub mod secret;
-pub mod shard;
+pub(crate) mod shard;
 pub mod simulator;
 pub mod startup;
 pub mod store;

@@ -20,7 +20,7 @@ use crate::task::now_millis;
 
 /// How often changes are committed: small enough that counters look live, large enough
 /// that thousands of answers a second become a handful of transactions.
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+pub(crate) const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 /// At most how long expired tombstones wait to be deleted from the store (a full scan).
 const TOMBSTONE_EXPIRY_INTERVAL: Duration = Duration::from_secs(3600);
 /// A commit of at least this many rows was a burst (a task file of many ids, a registration
@@ -34,7 +34,7 @@ const REOPEN_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Why a change could not be confirmed durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotDurable {
+pub(crate) enum NotDurable {
     /// The store cannot commit (disk full, I/O error): retry later.
     StoreDown,
     /// No commit held the change within the bound.
@@ -44,7 +44,7 @@ pub enum NotDurable {
 /// Commit progress shared with request handlers: a handler that changed the registry waits
 /// for a commit that collected the registry after its change (group commit), so that its
 /// 2xx means durable.
-pub struct Durability {
+pub(crate) struct Durability {
     /// Number of the latest collection of pending work (counted before it takes anything).
     collected: AtomicU64,
     /// (number of the latest committed collection, store up).
@@ -55,7 +55,7 @@ pub struct Durability {
 }
 
 impl Durability {
-    pub fn new() -> Arc<Durability> {
+    pub(crate) fn new() -> Arc<Durability> {
         Arc::new(Durability {
             collected: AtomicU64::new(0),
             committed: watch::Sender::new((0, true)),
@@ -65,13 +65,13 @@ impl Durability {
     }
 
     /// Whether the store commits (the last attempt succeeded).
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.up.load(Ordering::SeqCst)
     }
 
     /// Waits until every change made to the registry before this call is committed, at most
     /// `bound`. Fails at once while the store is down.
-    pub async fn wait(&self, bound: Duration) -> Result<(), NotDurable> {
+    pub(crate) async fn wait(&self, bound: Duration) -> Result<(), NotDurable> {
         if !self.is_up() {
             return Err(NotDurable::StoreDown);
         }
@@ -163,7 +163,7 @@ struct Outage {
     backoff: Duration,
 }
 
-pub struct Persister {
+pub(crate) struct Persister {
     store: Arc<Store>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
@@ -175,7 +175,7 @@ pub struct Persister {
 }
 
 impl Persister {
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<Store>,
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
@@ -196,7 +196,7 @@ impl Persister {
     /// Flushes forever, every [`FLUSH_INTERVAL`] or sooner when a handler waits for a
     /// commit. The persister is shared behind a lock: staged totals start from the
     /// published ones, so two flushes must never interleave.
-    pub async fn run(shared: Arc<tokio::sync::Mutex<Persister>>) {
+    pub(crate) async fn run(shared: Arc<tokio::sync::Mutex<Persister>>) {
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let durability = shared.lock().await.durability.clone();
@@ -246,18 +246,18 @@ impl Persister {
 
     /// Commits pending changes and publishes their counters. Returns false when the commit
     /// failed (the work is kept and retried on a later call).
-    pub async fn flush(&mut self) -> bool {
+    pub(crate) async fn flush(&mut self) -> bool {
         self.flush_with(false).await
     }
 
     /// Like [`flush`](Self::flush), with the poll bookkeeping the registry otherwise writes
     /// only once a minute, and a reopen attempt whatever the back-off (shutdown).
-    pub async fn flush_all(&mut self) -> bool {
+    pub(crate) async fn flush_all(&mut self) -> bool {
         self.flush_with(true).await
     }
 
     /// Rows collected but not committed (0 while the store is up).
-    pub fn pending_rows(&self) -> usize {
+    pub(crate) fn pending_rows(&self) -> usize {
         self.held.as_ref().map_or(0, Held::rows)
     }
 
@@ -500,7 +500,9 @@ fn append<T>(to: &mut Vec<T>, from: Vec<T>) {
 /// `malloc_trim` returns the free pages; it takes milliseconds and runs only after bursts,
 /// on the blocking pool. Other allocators and C libraries return memory on their own terms.
 fn release_freed_memory() {
+    // The crate's one `unsafe`: a foreign call with no pointers (see the SAFETY note).
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
     {
         unsafe extern "C" {
             fn malloc_trim(pad: usize) -> std::ffi::c_int;

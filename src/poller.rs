@@ -18,7 +18,7 @@ const MAX_IDLE: Duration = Duration::from_secs(1);
 
 /// Runs until the task is aborted. Aborting is safe: a task taken but not answered is
 /// rescheduled by `ProviderTasks::reschedule_unscheduled` when a poller starts again.
-pub async fn run(
+pub(crate) async fn run(
     tasks: Arc<ProviderTasks>,
     upstream: Arc<Upstream>,
     adapter: Adapter,

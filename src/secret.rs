@@ -8,7 +8,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
 /// Largest secret file read: keys and tokens are a few hundred bytes at most.
-pub const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
+pub(crate) const MAX_SECRET_FILE_BYTES: u64 = 64 << 10;
 
 /// Holds a secret. `Debug` and `Display` show `***`; only [`Secret::expose`] gives the value,
 /// so every place that sends a secret anywhere is easy to find.
@@ -20,13 +20,13 @@ impl Secret {
         Secret(value.into())
     }
 
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 
     /// Compares with `candidate` in time that does not depend on where they differ, so a
     /// token cannot be guessed byte by byte from response times.
-    pub fn matches(&self, candidate: &str) -> bool {
+    pub(crate) fn matches(&self, candidate: &str) -> bool {
         let a = self.0.as_bytes();
         let b = candidate.as_bytes();
         let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
@@ -37,7 +37,7 @@ impl Secret {
     }
 
     /// Replaces every occurrence of this secret in `text` with `***`.
-    pub fn redact(&self, text: &str) -> String {
+    pub(crate) fn redact(&self, text: &str) -> String {
         if self.0.is_empty() {
             return text.to_string();
         }
@@ -72,7 +72,7 @@ impl Secret {
     /// Reads a secret from the file at `path`, surrounding whitespace removed. Only a regular
     /// file of at most [`MAX_SECRET_FILE_BYTES`] is read, so `/dev/zero`, a FIFO without a
     /// writer or a directory give an error at once instead of a hang or gigabytes.
-    pub fn from_file(path: &Path) -> Result<Secret, ReadError> {
+    pub(crate) fn from_file(path: &Path) -> Result<Secret, ReadError> {
         let text = read_bounded_text(path, MAX_SECRET_FILE_BYTES)?;
         match text.trim() {
             "" => Err(ReadError::Empty),
@@ -85,7 +85,7 @@ impl Secret {
 /// checked before opening (opening a FIFO for reading blocks until a writer appears), the
 /// open does not block should the path be swapped for a FIFO meanwhile, and the opened file
 /// is checked again.
-pub fn read_bounded_text(path: &Path, limit: u64) -> Result<String, ReadError> {
+pub(crate) fn read_bounded_text(path: &Path, limit: u64) -> Result<String, ReadError> {
     let io = |e: std::io::Error| ReadError::Io(e.kind());
     regular_file(&std::fs::metadata(path).map_err(io)?, limit)?;
     let mut file = open_nonblocking(path).map_err(io)?;

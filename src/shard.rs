@@ -8,7 +8,7 @@
 use crate::config::Shard;
 
 /// FNV-1a, 64-bit.
-pub fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in bytes {
         hash ^= u64::from(b);
@@ -18,7 +18,7 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
 }
 
 /// Jump consistent hash: a bucket in `0..buckets` for `key`.
-pub fn jump_hash(mut key: u64, buckets: u32) -> u32 {
+pub(crate) fn jump_hash(mut key: u64, buckets: u32) -> u32 {
     let buckets = i64::from(buckets.max(1));
     let (mut b, mut j): (i64, i64) = (-1, 0);
     while j < buckets {
@@ -31,7 +31,7 @@ pub fn jump_hash(mut key: u64, buckets: u32) -> u32 {
 }
 
 /// The shard owning `task_id` of `provider` among `count` shards.
-pub fn shard_of(provider: &str, task_id: &str, count: u32) -> u32 {
+pub(crate) fn shard_of(provider: &str, task_id: &str, count: u32) -> u32 {
     let mut key = Vec::with_capacity(provider.len() + 1 + task_id.len());
     key.extend_from_slice(provider.as_bytes());
     key.push(0);
@@ -41,7 +41,7 @@ pub fn shard_of(provider: &str, task_id: &str, count: u32) -> u32 {
 
 impl Shard {
     /// Whether this shard owns `provider`/`id`.
-    pub fn owns(&self, provider: &str, id: &str) -> bool {
+    pub(crate) fn owns(&self, provider: &str, id: &str) -> bool {
         self.count <= 1 || shard_of(provider, id, self.count) == self.index
     }
 }

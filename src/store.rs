@@ -155,14 +155,14 @@ impl FileId {
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
     pub put_tasks: Vec<(String, Vec<u8>)>,
-    pub delete_tasks: Vec<String>,
+    pub(crate) delete_tasks: Vec<String>,
     pub put_tombstones: Vec<(String, i64)>,
-    pub delete_tombstones: Vec<String>,
+    pub(crate) delete_tombstones: Vec<String>,
     pub put_counters: Vec<(String, Vec<u8>)>,
 }
 
 impl Batch {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.put_tasks.is_empty()
             && self.delete_tasks.is_empty()
             && self.put_tombstones.is_empty()
@@ -170,7 +170,7 @@ impl Batch {
             && self.put_counters.is_empty()
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.put_tasks.len()
             + self.delete_tasks.len()
             + self.put_tombstones.len()
@@ -182,9 +182,9 @@ impl Batch {
 /// The whole store, read at start-up.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    pub tasks: Vec<(String, Vec<u8>)>,
-    pub tombstones: Vec<(String, i64)>,
-    pub counters: Vec<(String, Vec<u8>)>,
+    pub(crate) tasks: Vec<(String, Vec<u8>)>,
+    pub(crate) tombstones: Vec<(String, i64)>,
+    pub(crate) counters: Vec<(String, Vec<u8>)>,
 }
 
 /// Key of a task or tombstone: provider and id, joined by NUL (neither may contain one).
@@ -202,7 +202,7 @@ fn provider_range(provider: &str) -> (String, String) {
 }
 
 /// Splits a key made by [`task_key`].
-pub fn split_task_key(key: &str) -> Option<(&str, &str)> {
+pub(crate) fn split_task_key(key: &str) -> Option<(&str, &str)> {
     key.split_once('\0')
 }
 
@@ -257,7 +257,7 @@ impl Store {
         }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -356,7 +356,7 @@ impl Store {
     /// Closes the database and opens it again: after an I/O error (a full disk) redb refuses
     /// everything until then. Only the data of the last commit is read back, which is all
     /// that was ever acknowledged.
-    pub fn reopen(&self) -> Result<(), StoreError> {
+    pub(crate) fn reopen(&self) -> Result<(), StoreError> {
         // Dropped first: the file is locked while open.
         let old = self.db.write().expect("store lock").take();
         close(old);
@@ -364,7 +364,7 @@ impl Store {
     }
 
     /// Whether the file at the path is no longer the one open (deleted or replaced).
-    pub fn is_replaced(&self) -> bool {
+    pub(crate) fn is_replaced(&self) -> bool {
         let Some(opened) = *self.opened.lock().expect("store lock") else {
             return false;
         };
@@ -377,7 +377,7 @@ impl Store {
     /// Writes a new file at the path with everything the open (deleted or replaced) one
     /// holds, and continues with it. A different file found at the path is kept, renamed.
     /// Returns how many rows were copied.
-    pub fn recreate(&self) -> Result<usize, StoreError> {
+    pub(crate) fn recreate(&self) -> Result<usize, StoreError> {
         let old = self.db()?;
         std::fs::create_dir_all(&self.dir).map_err(|source| StoreError::Directory {
             path: self.dir.clone(),
@@ -577,7 +577,7 @@ impl Store {
 
     /// Reads the counter totals (start-up; tasks and tombstones are streamed with
     /// [`for_each_task`](Self::for_each_task) and [`for_each_tombstone`](Self::for_each_tombstone)).
-    pub fn load_counters(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    pub(crate) fn load_counters(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let mut rows = Vec::new();
         self.scan("counters", COUNTERS, None, |k, v| {
             rows.push((k.to_string(), v.to_vec()))
@@ -587,7 +587,7 @@ impl Store {
 
     /// Calls `f(key, record)` for every task row of `provider`, in key order, without
     /// copying the rows (a million of them load in well under a second this way).
-    pub fn for_each_task(
+    pub(crate) fn for_each_task(
         &self,
         provider: &str,
         f: impl FnMut(&str, &[u8]),
@@ -596,7 +596,7 @@ impl Store {
     }
 
     /// Number of stored tasks, of every provider.
-    pub fn task_count(&self) -> Result<u64, StoreError> {
+    pub(crate) fn task_count(&self) -> Result<u64, StoreError> {
         self.guard(|| {
             let db = self.db()?;
             let txn = db.begin_read().map_err(|e| self.err(e))?;
@@ -612,7 +612,7 @@ impl Store {
     }
 
     /// Calls `f(key, last_seen)` for every tombstone of `provider`.
-    pub fn for_each_tombstone(
+    pub(crate) fn for_each_tombstone(
         &self,
         provider: &str,
         f: impl FnMut(&str, i64),
@@ -620,20 +620,8 @@ impl Store {
         self.scan_tombstones(Some(provider_range(provider)), f)
     }
 
-    /// Reads the tasks and tombstones of one provider (a provider added by reload).
-    pub fn load_provider(&self, provider: &str) -> Result<Snapshot, StoreError> {
-        let mut snapshot = Snapshot::default();
-        self.for_each_task(provider, |k, v| {
-            snapshot.tasks.push((k.to_string(), v.to_vec()))
-        })?;
-        self.for_each_tombstone(provider, |k, v| {
-            snapshot.tombstones.push((k.to_string(), v))
-        })?;
-        Ok(snapshot)
-    }
-
     /// Deletes tombstones last mentioned before `cutoff` (ms); returns how many.
-    pub fn expire_tombstones(&self, cutoff: i64) -> Result<usize, StoreError> {
+    pub(crate) fn expire_tombstones(&self, cutoff: i64) -> Result<usize, StoreError> {
         self.guard(|| {
             let db = self.db()?;
             let txn = db.begin_write().map_err(|e| self.err(e))?;
@@ -733,9 +721,6 @@ mod tests {
         assert_eq!(stones, snap.tombstones);
         store.for_each_task("m", |_, _| panic!("prefix")).unwrap();
         assert_eq!(store.load_counters().unwrap(), snap.counters);
-        let other = store.load_provider("m").unwrap();
-        assert!(other.tasks.is_empty(), "prefix of another provider's name");
-        assert_eq!(store.load_provider("mx").unwrap().tasks.len(), 1);
         assert_eq!(store.expire_tombstones(41).unwrap(), 0);
         assert_eq!(store.expire_tombstones(43).unwrap(), 1);
         assert!(store.load().unwrap().tombstones.is_empty());

@@ -8,24 +8,24 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch. Providers send RFC 3339 with `Z`; we keep integers so
 /// that the state store and the latency arithmetic stay exact and cheap.
-pub type UnixMillis = i64;
+pub(crate) type UnixMillis = i64;
 
 /// Longest upstream status or error message we keep (API and landing page only, never a label).
 pub const MAX_TEXT_LEN: usize = 256;
 
 /// Longest task id we accept from any source; providers use UUIDs and 30-character ids.
-pub const MAX_TASK_ID_LEN: usize = 128;
+pub(crate) const MAX_TASK_ID_LEN: usize = 128;
 
 /// Whether `id` may be tracked: non-empty, bounded, printable ASCII without spaces, and
 /// not made of dots only (`..` would walk up the request path even when percent-encoded).
-pub fn is_valid_task_id(id: &str) -> bool {
+pub(crate) fn is_valid_task_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_TASK_ID_LEN
         && id.bytes().all(|b| b.is_ascii_graphic())
         && !id.bytes().all(|b| b == b'.')
 }
 
-/// Normalized task status: the value of the `status` label (providers.md §3).
+/// Normalized task status: the value of the `status` label (docs/providers.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Status {
     Pending,
@@ -38,7 +38,7 @@ pub enum Status {
 }
 
 impl Status {
-    pub const ALL: [Status; 7] = [
+    pub(crate) const ALL: [Status; 7] = [
         Status::Pending,
         Status::Running,
         Status::Succeeded,
@@ -74,16 +74,16 @@ impl Status {
 
     /// Pending and running tasks are "in flight" (`genai_task_oldest_in_flight_seconds`).
     /// `unknown` is polled until max age but is not counted as in flight: we do not know.
-    pub fn is_in_flight(self) -> bool {
+    pub(crate) fn is_in_flight(self) -> bool {
         matches!(self, Status::Pending | Status::Running)
     }
 
     /// Dense index, for per-status arrays.
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 
-    pub fn from_index(i: usize) -> Option<Status> {
+    pub(crate) fn from_index(i: usize) -> Option<Status> {
         Status::ALL.get(i).copied()
     }
 }
@@ -94,7 +94,7 @@ impl fmt::Display for Status {
     }
 }
 
-/// Normalized failure reason: the value of the `reason` label (providers.md §4).
+/// Normalized failure reason: the value of the `reason` label (docs/providers.md §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FailureReason {
     ContentModeration,
@@ -129,15 +129,15 @@ impl FailureReason {
         }
     }
 
-    pub fn parse(label: &str) -> Option<FailureReason> {
+    pub(crate) fn parse(label: &str) -> Option<FailureReason> {
         FailureReason::ALL.into_iter().find(|r| r.as_str() == label)
     }
 
-    pub fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 
-    pub fn from_index(i: usize) -> Option<FailureReason> {
+    pub(crate) fn from_index(i: usize) -> Option<FailureReason> {
         FailureReason::ALL.get(i).copied()
     }
 }
@@ -200,7 +200,7 @@ impl Observation {
 
 /// Parses an RFC 3339 timestamp (`2026-02-10T21:54:46.686768Z`) into Unix milliseconds.
 /// Accepts a numeric offset too, because "`Z` always" is a documentation promise, not a schema.
-pub fn parse_timestamp(text: &str) -> Option<UnixMillis> {
+pub(crate) fn parse_timestamp(text: &str) -> Option<UnixMillis> {
     let text = text.trim();
     // humantime only knows `Z`; fold a `+hh:mm` / `-hh:mm` offset in ourselves.
     let time = match split_offset(text) {
@@ -237,7 +237,7 @@ fn split_offset(text: &str) -> Option<(&str, i32, Duration)> {
     Some((base, sign, Duration::from_secs(hours * 3600 + minutes * 60)))
 }
 
-pub fn system_time_to_millis(time: SystemTime) -> UnixMillis {
+pub(crate) fn system_time_to_millis(time: SystemTime) -> UnixMillis {
     match time.duration_since(UNIX_EPOCH) {
         Ok(d) => d.as_millis() as UnixMillis,
         Err(e) => -(e.duration().as_millis() as UnixMillis),
@@ -249,7 +249,7 @@ pub fn now_millis() -> UnixMillis {
 }
 
 /// Cuts `text` to at most `max` bytes on a character boundary.
-pub fn truncate(text: &str, max: usize) -> String {
+pub(crate) fn truncate(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_string();
     }

@@ -19,7 +19,7 @@ use crate::task::{MAX_TEXT_LEN, truncate};
 
 /// Largest upstream body we read. Task answers are a few KiB and a history page of 50 items
 /// some 30 KiB; anything larger is refused without being buffered whole.
-pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 /// Longest pause a `Retry-After` may impose; a hostile or broken value must not stop us for days.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Back-off after a 429/503 without `Retry-After`: 1 s doubling to 60 s, with jitter.
@@ -30,14 +30,14 @@ const DOWN_AFTER_FAILURES: u32 = 3;
 
 /// Which upstream endpoint (`endpoint` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
+pub(crate) enum Endpoint {
     Task,
     History,
     Balance,
 }
 
 impl Endpoint {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Endpoint::Task => "task",
             Endpoint::History => "history",
@@ -48,7 +48,7 @@ impl Endpoint {
 
 /// An exchange that produced no HTTP answer we could read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum TransportError {
+pub(crate) enum TransportError {
     #[error("request timed out")]
     Timeout,
     #[error("could not connect")]
@@ -59,7 +59,7 @@ pub enum TransportError {
 
 impl TransportError {
     /// The `code` label value.
-    pub fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> &'static str {
         match self {
             TransportError::Timeout => "timeout",
             TransportError::Connect => "connect_error",
@@ -70,9 +70,9 @@ impl TransportError {
 
 /// An HTTP answer. `body` is `None` when it was larger than [`MAX_BODY_BYTES`].
 #[derive(Debug, Clone)]
-pub struct Answer {
-    pub status: u16,
-    pub body: Option<Bytes>,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) body: Option<Bytes>,
 }
 
 /// Why [`Upstream::call`] returned no value. Both kinds are already counted and reflected in
@@ -112,9 +112,9 @@ impl Reserved {
 /// What the landing page shows of a provider's upstream.
 #[derive(Debug, Clone, Default)]
 pub struct UpstreamStatus {
-    pub up: bool,
-    pub last_success: Option<SystemTime>,
-    pub last_error: Option<String>,
+    pub(crate) up: bool,
+    pub(crate) last_success: Option<SystemTime>,
+    pub(crate) last_error: Option<String>,
     pub requests: u64,
 }
 
@@ -208,7 +208,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(settings: &ProviderSettings, http: reqwest::Client, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(
+        settings: &ProviderSettings,
+        http: reqwest::Client,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let base = reqwest::Url::parse(&settings.base_url)
             .ok()
             .filter(|u| u.query().is_none() && u.fragment().is_none() && !u.cannot_be_a_base());
@@ -236,10 +240,6 @@ impl Upstream {
             // Down until the first valid answer, like `genai_exporter_provider_up`.
             status: Mutex::new(UpstreamStatus::default()),
         }
-    }
-
-    pub fn provider(&self) -> &str {
-        &self.provider
     }
 
     pub fn status(&self) -> UpstreamStatus {
@@ -576,7 +576,7 @@ async fn read_capped(
 }
 
 /// `Retry-After`: delay-seconds or an HTTP date (RFC 9110 §10.2.3).
-pub fn parse_retry_after(value: &str) -> Option<Duration> {
+pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));

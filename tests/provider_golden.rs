@@ -194,7 +194,7 @@ fn apimall_images_history_example() {
     assert!(!page.is_last, "a full page is not the last");
 }
 
-/// Same shape as the images listing; items carry `audio_url` (providers.md §2).
+/// Same shape as the images listing; items carry `audio_url` (docs/providers.md §2).
 #[test]
 fn apimall_audio_history_example() {
     let page = apimall()

@@ -1,4 +1,4 @@
-//! The simulated providers over real HTTP: wire shapes (providers.md), auth, task life,
+//! The simulated providers over real HTTP: wire shapes (docs/providers.md), auth, task life,
 //! history paging, balances, faults, rate limit, outages, deliveries and the ground truth.
 
 use std::collections::BTreeMap;

@@ -8,9 +8,9 @@ use serde::Deserialize;
 
 use super::yaml::HumanDuration;
 
-pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0:9850";
-pub const DEFAULT_MAXAPI_BASE_URL: &str = "https://api.maxapi.io";
-pub const DEFAULT_APIMALL_BASE_URL: &str = "https://gateway.apimall.ai";
+pub(crate) const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0:9850";
+pub(crate) const DEFAULT_MAXAPI_BASE_URL: &str = "https://api.maxapi.io";
+pub(crate) const DEFAULT_APIMALL_BASE_URL: &str = "https://gateway.apimall.ai";
 
 /// Default histogram buckets for completion latency: seconds (images) to 4 h (video).
 pub const DEFAULT_LATENCY_BUCKETS: [f64; 18] = [
@@ -22,24 +22,24 @@ pub const DEFAULT_LATENCY_BUCKETS: [f64; 18] = [
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FileConfig {
-    pub server: ServerFile,
-    pub polling: PollingFile,
-    pub state: StateFile,
-    pub metrics: MetricsFile,
-    pub sharding: ShardingFile,
-    pub providers: Vec<ProviderFile>,
+    pub(crate) server: ServerFile,
+    pub(crate) polling: PollingFile,
+    pub(crate) state: StateFile,
+    pub(crate) metrics: MetricsFile,
+    pub(crate) sharding: ShardingFile,
+    pub(crate) providers: Vec<ProviderFile>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ServerFile {
+pub(crate) struct ServerFile {
     /// Listener for every endpoint. `--web.listen-address` overrides it.
-    pub listen_address: String,
+    pub(crate) listen_address: String,
     /// Environment variable holding the bearer token for `POST /api/v1/tasks`,
     /// `DELETE /api/v1/tasks/...` and `POST /-/reload`. Unset: those endpoints answer 403.
-    pub api_token_env: Option<String>,
+    pub(crate) api_token_env: Option<String>,
     /// Same, read from a file (re-read on reload).
-    pub api_token_file: Option<PathBuf>,
+    pub(crate) api_token_file: Option<PathBuf>,
 }
 
 impl Default for ServerFile {
@@ -55,21 +55,21 @@ impl Default for ServerFile {
 /// Polling defaults (top level) or overrides (under a provider: every key optional).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PollingFile {
-    pub interval: Option<HumanDuration>,
-    pub max_interval: Option<HumanDuration>,
-    pub timeout: Option<HumanDuration>,
-    pub requests_per_second: Option<f64>,
-    pub max_concurrency: Option<u32>,
-    pub max_task_age: Option<HumanDuration>,
-    pub retention: Option<HumanDuration>,
-    pub forget_after: Option<HumanDuration>,
+pub(crate) struct PollingFile {
+    pub(crate) interval: Option<HumanDuration>,
+    pub(crate) max_interval: Option<HumanDuration>,
+    pub(crate) timeout: Option<HumanDuration>,
+    pub(crate) requests_per_second: Option<f64>,
+    pub(crate) max_concurrency: Option<u32>,
+    pub(crate) max_task_age: Option<HumanDuration>,
+    pub(crate) retention: Option<HumanDuration>,
+    pub(crate) forget_after: Option<HumanDuration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct StateFile {
-    pub path: PathBuf,
+pub(crate) struct StateFile {
+    pub(crate) path: PathBuf,
 }
 
 impl Default for StateFile {
@@ -82,9 +82,9 @@ impl Default for StateFile {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct MetricsFile {
-    pub max_models_per_provider: usize,
-    pub latency_buckets: Vec<f64>,
+pub(crate) struct MetricsFile {
+    pub(crate) max_models_per_provider: usize,
+    pub(crate) latency_buckets: Vec<f64>,
 }
 
 impl Default for MetricsFile {
@@ -99,9 +99,9 @@ impl Default for MetricsFile {
 /// Which share of the tasks this replica owns (`--shard.index` / `--shard.count` override).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ShardingFile {
-    pub index: u32,
-    pub count: u32,
+pub(crate) struct ShardingFile {
+    pub(crate) index: u32,
+    pub(crate) count: u32,
 }
 
 impl Default for ShardingFile {
@@ -118,7 +118,7 @@ pub enum ProviderType {
 }
 
 impl ProviderType {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ProviderType::Maxapi => "maxapi",
             ProviderType::Apimall => "apimall",
@@ -129,7 +129,7 @@ impl ProviderType {
     /// `webhook.confirm` says otherwise. A maxapi callback body is the complete get-task
     /// envelope, so it is used as is; the body of an apimall delivery is not documented, so
     /// it only names the task to ask about.
-    pub fn confirms_webhooks_by_default(self) -> bool {
+    pub(crate) fn confirms_webhooks_by_default(self) -> bool {
         match self {
             ProviderType::Maxapi => false,
             ProviderType::Apimall => true,
@@ -146,58 +146,58 @@ impl ProviderType {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ProviderFile {
-    pub name: String,
+pub(crate) struct ProviderFile {
+    pub(crate) name: String,
     #[serde(rename = "type")]
-    pub kind: ProviderType,
+    pub(crate) kind: ProviderType,
     #[serde(default)]
-    pub base_url: Option<String>,
+    pub(crate) base_url: Option<String>,
     #[serde(default)]
-    pub token_env: Option<String>,
+    pub(crate) token_env: Option<String>,
     #[serde(default)]
-    pub token_file: Option<PathBuf>,
+    pub(crate) token_file: Option<PathBuf>,
     #[serde(default)]
-    pub polling: PollingFile,
+    pub(crate) polling: PollingFile,
     #[serde(default)]
-    pub tasks: Vec<String>,
+    pub(crate) tasks: Vec<String>,
     #[serde(default)]
-    pub task_files: Vec<String>,
+    pub(crate) task_files: Vec<String>,
     #[serde(default)]
-    pub webhook: Option<WebhookFile>,
+    pub(crate) webhook: Option<WebhookFile>,
     #[serde(default)]
-    pub history: Option<HistoryFile>,
+    pub(crate) history: Option<HistoryFile>,
     #[serde(default)]
-    pub balance: Option<BalanceFile>,
+    pub(crate) balance: Option<BalanceFile>,
     #[serde(default)]
-    pub failure_reasons: Vec<FailureRuleFile>,
+    pub(crate) failure_reasons: Vec<FailureRuleFile>,
     #[serde(default)]
-    pub proxy: ProxyFile,
+    pub(crate) proxy: ProxyFile,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WebhookFile {
+pub(crate) struct WebhookFile {
     #[serde(default)]
-    pub enabled: bool,
+    pub(crate) enabled: bool,
     #[serde(default)]
-    pub token_env: Option<String>,
+    pub(crate) token_env: Option<String>,
     #[serde(default)]
-    pub token_file: Option<PathBuf>,
+    pub(crate) token_file: Option<PathBuf>,
     /// Whether a callback is confirmed by one get-task request; default per provider type
     /// ([`ProviderType::confirms_webhooks_by_default`]).
     #[serde(default)]
-    pub confirm: Option<bool>,
+    pub(crate) confirm: Option<bool>,
 }
 
 /// The optional reverse proxy to the provider's `base_url` (`ANY /proxy/{provider}/...`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct ProxyFile {
-    pub enabled: bool,
+pub(crate) struct ProxyFile {
+    pub(crate) enabled: bool,
     /// Largest request body passed upstream (a submit request carries its input images).
-    pub max_request_body_bytes: u64,
+    pub(crate) max_request_body_bytes: u64,
     /// One proxied upstream request, body included.
-    pub timeout: HumanDuration,
+    pub(crate) timeout: HumanDuration,
 }
 
 impl Default for ProxyFile {
@@ -213,11 +213,11 @@ impl Default for ProxyFile {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct HistoryFile {
-    pub enabled: bool,
-    pub interval: HumanDuration,
-    pub max_pages: u32,
-    pub kinds: Vec<String>,
+pub(crate) struct HistoryFile {
+    pub(crate) enabled: bool,
+    pub(crate) interval: HumanDuration,
+    pub(crate) max_pages: u32,
+    pub(crate) kinds: Vec<String>,
 }
 
 impl Default for HistoryFile {
@@ -233,9 +233,9 @@ impl Default for HistoryFile {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct BalanceFile {
-    pub enabled: bool,
-    pub interval: HumanDuration,
+pub(crate) struct BalanceFile {
+    pub(crate) enabled: bool,
+    pub(crate) interval: HumanDuration,
 }
 
 impl Default for BalanceFile {
@@ -249,7 +249,7 @@ impl Default for BalanceFile {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FailureRuleFile {
-    pub reason: String,
-    pub pattern: String,
+pub(crate) struct FailureRuleFile {
+    pub(crate) reason: String,
+    pub(crate) pattern: String,
 }

@@ -19,18 +19,15 @@ mod tests;
 
 use std::path::Path;
 
-pub use file::{
-    BalanceFile, DEFAULT_APIMALL_BASE_URL, DEFAULT_LATENCY_BUCKETS, DEFAULT_LISTEN_ADDRESS,
-    DEFAULT_MAXAPI_BASE_URL, FailureRuleFile, FileConfig, HistoryFile, MetricsFile, PollingFile,
-    ProviderFile, ProviderType, ProxyFile, ServerFile, ShardingFile, StateFile, WebhookFile,
-};
+pub use file::{DEFAULT_LATENCY_BUCKETS, FileConfig, ProviderType};
 pub use resolve::resolve;
 pub use settings::{HistorySettings, Polling, ProviderSettings, ProxySettings, Settings, Shard};
-pub use yaml::{ConfigError, HumanDuration, Problem, load_yaml_file, parse_yaml};
+pub use yaml::{ConfigError, Problem};
+pub(crate) use yaml::{HumanDuration, load_yaml_file, parse_yaml};
 
 /// The task-id rule lives with the task (`crate::task`); re-exported for the callers that
 /// take it from here.
-pub use crate::task::{MAX_TASK_ID_LEN, is_valid_task_id};
+pub(crate) use crate::task::is_valid_task_id;
 
 /// Where secrets and environment come from; a trait so tests need not touch the real
 /// process environment.

@@ -26,8 +26,8 @@ pub struct Settings {
 /// This replica's share of the tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
-    pub index: u32,
-    pub count: u32,
+    pub(crate) index: u32,
+    pub(crate) count: u32,
 }
 
 impl Default for Shard {
@@ -108,7 +108,7 @@ pub struct ProviderSettings {
 /// The reverse proxy to the provider's `base_url` (`providers[].proxy`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxySettings {
-    pub enabled: bool,
+    pub(crate) enabled: bool,
     pub max_request_body_bytes: usize,
     pub timeout: Duration,
 }
@@ -126,9 +126,9 @@ impl Default for ProxySettings {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct HistorySettings {
-    pub interval: Duration,
-    pub max_pages: u32,
-    pub kinds: Vec<HistoryKind>,
+    pub(crate) interval: Duration,
+    pub(crate) max_pages: u32,
+    pub(crate) kinds: Vec<HistoryKind>,
 }
 
 impl Settings {

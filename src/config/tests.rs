@@ -1,3 +1,4 @@
+use super::file::DEFAULT_MAXAPI_BASE_URL;
 use super::*;
 use std::path::Path;
 use std::time::Duration;

@@ -12,7 +12,7 @@ use crate::secret::{ReadError, read_bounded_text};
 
 /// A humantime duration in the file (`15s`, `5m`, `6h`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
+pub(crate) struct HumanDuration(pub(crate) Duration);
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -34,7 +34,7 @@ const MAX_FILE_BYTES: u64 = 4 << 20;
 
 /// Reads the YAML file at `path` into `T`; errors name the file and, for the content, the key
 /// path, line and column (see [`parse_yaml`]).
-pub fn load_yaml_file<T: serde::de::DeserializeOwned + Default>(
+pub(crate) fn load_yaml_file<T: serde::de::DeserializeOwned + Default>(
     path: &Path,
 ) -> Result<T, ConfigError> {
     let file = path.display().to_string();
@@ -48,8 +48,8 @@ pub fn load_yaml_file<T: serde::de::DeserializeOwned + Default>(
 /// One thing wrong with the configuration, at a key path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    pub path: String,
-    pub message: String,
+    pub(crate) path: String,
+    pub(crate) message: String,
 }
 
 impl fmt::Display for Problem {
@@ -102,7 +102,9 @@ fn parser_options() -> serde_saphyr::Options {
 /// Parses a YAML document into `T` (an empty one gives `T::default()`). The error names the
 /// key path ("providers[1].polling.interval", from serde_path_to_error) and the line and
 /// column (from saphyr), without quoting the file (see [`parser_options`]).
-pub fn parse_yaml<T: serde::de::DeserializeOwned + Default>(text: &str) -> Result<T, String> {
+pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned + Default>(
+    text: &str,
+) -> Result<T, String> {
     if text.trim().is_empty() {
         // An empty file is an empty mapping: every default applies.
         return Ok(T::default());

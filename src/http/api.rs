@@ -14,7 +14,7 @@ use crate::registry::{Source, TaskView, TrackOutcome};
 use crate::task::{Status, now_millis};
 
 /// Most ids one registration call may carry.
-pub const MAX_IDS_PER_CALL: usize = 10_000;
+pub(crate) const MAX_IDS_PER_CALL: usize = 10_000;
 const DEFAULT_LIST_LIMIT: usize = 100;
 const MAX_LIST_LIMIT: usize = 10_000;
 /// Longest a registration or callback waits for the commit holding it (commits take
@@ -23,7 +23,7 @@ const DURABLE_WAIT: Duration = Duration::from_secs(5);
 const RETRY_AFTER_SECS: &str = "5";
 
 #[derive(Debug, Deserialize)]
-pub struct ListQuery {
+pub(crate) struct ListQuery {
     provider: Option<String>,
     status: Option<String>,
     limit: Option<usize>,
@@ -58,7 +58,7 @@ pub(super) async fn durable(app: &AppState) -> Result<(), Response> {
     }
 }
 
-pub async fn list(State(app): State<AppState>, Query(q): Query<ListQuery>) -> Response {
+pub(crate) async fn list(State(app): State<AppState>, Query(q): Query<ListQuery>) -> Response {
     let status = match q.status.as_deref() {
         None | Some("") => None,
         Some(s) => match Status::parse(s) {
@@ -85,7 +85,7 @@ pub async fn list(State(app): State<AppState>, Query(q): Query<ListQuery>) -> Re
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Registration {
+pub(crate) struct Registration {
     provider: String,
     task_ids: Vec<String>,
 }
@@ -99,7 +99,7 @@ struct RegistrationResult {
     invalid: usize,
 }
 
-pub async fn register(
+pub(crate) async fn register(
     State(app): State<AppState>,
     headers: HeaderMap,
     body: Result<Json<Registration>, JsonRejection>,
@@ -146,7 +146,7 @@ pub async fn register(
     (StatusCode::OK, Json(result)).into_response()
 }
 
-pub async fn remove(
+pub(crate) async fn remove(
     State(app): State<AppState>,
     headers: HeaderMap,
     Path((provider, task_id)): Path<(String, String)>,

@@ -32,7 +32,7 @@ fn ago(t: Option<SystemTime>) -> String {
     }
 }
 
-pub async fn page(State(app): State<AppState>) -> Html<String> {
+pub(crate) async fn page(State(app): State<AppState>) -> Html<String> {
     let settings = app.settings();
     let mut rows = String::new();
     for p in app.summaries() {

@@ -19,11 +19,11 @@ use tower_http::timeout::TimeoutLayer;
 use crate::app::App;
 
 /// Largest request body we accept anywhere (webhooks, task registration).
-pub const MAX_REQUEST_BODY: usize = 1024 * 1024;
+pub(crate) const MAX_REQUEST_BODY: usize = 1024 * 1024;
 /// Every request is answered within this time.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub type AppState = Arc<App>;
+pub(crate) type AppState = Arc<App>;
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()

@@ -15,11 +15,11 @@ use crate::registry::{Source, TrackOutcome};
 use crate::task::now_millis;
 
 #[derive(Debug, Deserialize)]
-pub struct WebhookQuery {
+pub(crate) struct WebhookQuery {
     token: Option<String>,
 }
 
-pub async fn receive(
+pub(crate) async fn receive(
     State(app): State<AppState>,
     Path(provider): Path<String>,
     Query(query): Query<WebhookQuery>,

@@ -15,10 +15,10 @@ use crate::registry::Event;
 
 /// One series: provider, then the family's other label values.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SeriesKey {
-    pub family: Family,
-    pub provider: String,
-    pub labels: Vec<String>,
+pub(crate) struct SeriesKey {
+    pub(crate) family: Family,
+    pub(crate) provider: String,
+    pub(crate) labels: Vec<String>,
 }
 
 /// Separates the parts of a store row key.
@@ -53,10 +53,10 @@ impl SeriesKey {
 
 /// Histogram state: non-cumulative counts per bucket (the last one is `+Inf`), sum, count.
 #[derive(Debug, Clone, PartialEq)]
-pub struct HistogramState {
-    pub counts: Vec<u64>,
-    pub sum: f64,
-    pub count: u64,
+pub(crate) struct HistogramState {
+    pub(crate) counts: Vec<u64>,
+    pub(crate) sum: f64,
+    pub(crate) count: u64,
 }
 
 impl HistogramState {
@@ -131,12 +131,6 @@ pub struct Staged {
     histograms: HistogramMap,
 }
 
-impl Staged {
-    pub fn is_empty(&self) -> bool {
-        self.counters.is_empty() && self.histograms.is_empty()
-    }
-}
-
 /// Counts gathered between two flushes (deltas): upstream and proxied exchanges,
 /// callbacks, discovery errors, detection delays.
 #[derive(Debug, Default)]
@@ -154,7 +148,7 @@ pub struct Accounting {
 }
 
 impl Accounting {
-    pub fn new(latency_buckets: Vec<f64>) -> Self {
+    pub(crate) fn new(latency_buckets: Vec<f64>) -> Self {
         Accounting {
             counters: Mutex::new(BTreeMap::new()),
             histograms: Mutex::new(BTreeMap::new()),
@@ -257,7 +251,7 @@ impl Accounting {
     }
 
     /// The store rows of staged values.
-    pub fn encode(&self, staged: &Staged) -> Vec<(String, Vec<u8>)> {
+    pub(crate) fn encode(&self, staged: &Staged) -> Vec<(String, Vec<u8>)> {
         let row = |k: &SeriesKey| k.store_key(k.family.row_prefix().expect("durable family"));
         let counters = staged
             .counters
@@ -283,7 +277,7 @@ impl Accounting {
     }
 
     /// Restores one saved row (start-up). Unknown or corrupt rows are skipped.
-    pub fn restore_row(&self, key: &str, value: &[u8]) {
+    pub(crate) fn restore_row(&self, key: &str, value: &[u8]) {
         let mut parts = key.split(KEY_SEP);
         let prefix = parts.next().unwrap_or("");
         let Some(provider) = parts.next() else { return };
@@ -324,8 +318,9 @@ impl Accounting {
         }
     }
 
-    /// Current value of one counter series (tests, landing page).
-    pub fn value(&self, family: Family, provider: &str, labels: &[&str]) -> f64 {
+    /// Current value of one counter series.
+    #[cfg(test)]
+    pub(crate) fn value(&self, family: Family, provider: &str, labels: &[&str]) -> f64 {
         self.counters
             .lock()
             .expect("accounting lock")

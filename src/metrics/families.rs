@@ -57,7 +57,7 @@ macro_rules! families {
     ($($family:ident => $def:expr,)*) => {
         /// A metric family; [`Family::def`] is its row of the table.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum Family { $($family),* }
+        pub(crate) enum Family { $($family),* }
 
         impl Family {
             pub(crate) const ALL: &[Family] = &[$(Family::$family),*];

@@ -23,15 +23,18 @@ use std::time::Instant;
 use prometheus::{Gauge, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 use prometheus::{Registry as PromRegistry, core::Collector};
 
-pub use accounting::{Accounting, HistogramState, PendingCounts, SeriesKey, Staged};
-pub use families::Family;
+pub use accounting::Accounting;
+pub use accounting::PendingCounts;
+pub use accounting::Staged;
+pub(crate) use accounting::{HistogramState, SeriesKey};
+pub(crate) use families::Family;
 pub use render::RenderError;
 
 use crate::registry::Registry;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Git revision baked in by the build (`GENAI_EXPORTER_REVISION`), else `unknown`.
-pub const REVISION: &str = match option_env!("GENAI_EXPORTER_REVISION") {
+pub(crate) const REVISION: &str = match option_env!("GENAI_EXPORTER_REVISION") {
     Some(r) => r,
     None => "unknown",
 };
@@ -42,16 +45,16 @@ pub struct Metrics {
     pub accounting: Accounting,
     /// Counts since the last flush; the persister stages them into `accounting`.
     pending_counts: Mutex<PendingCounts>,
-    pub upstream_backoff: GaugeVec,
-    pub account_credits: GaugeVec,
-    pub provider_up: IntGaugeVec,
-    pub last_poll_success: GaugeVec,
-    pub reload_successful: IntGauge,
-    pub reload_success_timestamp: Gauge,
-    pub store_up: IntGauge,
-    pub store_errors: IntCounterVec,
-    pub task_panics: IntCounterVec,
-    pub shard_info: IntGaugeVec,
+    pub(crate) upstream_backoff: GaugeVec,
+    pub(crate) account_credits: GaugeVec,
+    pub(crate) provider_up: IntGaugeVec,
+    pub(crate) last_poll_success: GaugeVec,
+    pub(crate) reload_successful: IntGauge,
+    pub(crate) reload_success_timestamp: Gauge,
+    pub(crate) store_up: IntGauge,
+    pub(crate) store_errors: IntCounterVec,
+    pub(crate) task_panics: IntCounterVec,
+    pub(crate) shard_info: IntGaugeVec,
     /// Providers currently configured; series of others are left off the page.
     active: RwLock<HashSet<String>>,
     /// End of each provider's current rate-limit pause (`genai_upstream_backoff_seconds`
@@ -149,7 +152,7 @@ impl Metrics {
         *self.active.write().expect("metrics lock") = names.iter().cloned().collect();
     }
 
-    pub fn set_shard(&self, index: u32, count: u32) {
+    pub(crate) fn set_shard(&self, index: u32, count: u32) {
         self.shard_info.reset();
         self.shard_info
             .with_label_values(&[&index.to_string(), &count.to_string()])
@@ -158,7 +161,7 @@ impl Metrics {
 
     /// Restores counter totals saved in the store. The store is open and readable now, so
     /// `genai_exporter_store_up` starts at 1.
-    pub fn restore(&self, rows: &[(String, Vec<u8>)]) {
+    pub(crate) fn restore(&self, rows: &[(String, Vec<u8>)]) {
         for (key, value) in rows {
             self.accounting.restore_row(key, value);
         }
@@ -166,7 +169,7 @@ impl Metrics {
     }
 
     /// Whether the store commits (1) or cannot (0).
-    pub fn set_store_up(&self, up: bool) {
+    pub(crate) fn set_store_up(&self, up: bool) {
         self.store_up.set(i64::from(up));
     }
 
@@ -183,35 +186,44 @@ impl Metrics {
 
     /// Counts one provider callback by outcome. `provider` is empty when the path named no
     /// configured provider (the path is attacker-controlled: never a label value).
-    pub fn count_webhook(&self, provider: &str, outcome: &str) {
+    pub(crate) fn count_webhook(&self, provider: &str, outcome: &str) {
         self.count(Family::WebhookRequests, provider, &[outcome]);
     }
 
     /// Counts one failure of a discovery source.
-    pub fn count_discovery_error(&self, provider: &str, source: &str) {
+    pub(crate) fn count_discovery_error(&self, provider: &str, source: &str) {
         self.count(Family::DiscoveryErrors, provider, &[source]);
     }
 
     /// Records how long after a task's completion the exporter learned of it, and `via`
     /// what: `poll`, `history`, `webhook` or `proxy`.
-    pub fn observe_detection_delay(&self, provider: &str, via: &str, seconds: f64) {
+    #[allow(dead_code)] // recorded once detection paths report their delay
+    pub(crate) fn observe_detection_delay(&self, provider: &str, via: &str, seconds: f64) {
         self.observe(Family::DetectionDelay, provider, &[via], seconds);
     }
 
     /// Counts one request the application sent through the proxy: the upstream's `code`
     /// and how long the upstream took.
-    pub fn record_proxy_request(&self, provider: &str, endpoint: &str, code: &str, seconds: f64) {
+    #[allow(dead_code)] // recorded once the proxy is mounted in the exporter
+    pub(crate) fn record_proxy_request(
+        &self,
+        provider: &str,
+        endpoint: &str,
+        code: &str,
+        seconds: f64,
+    ) {
         self.count(Family::ProxyRequests, provider, &[endpoint, code]);
         self.observe(Family::ProxyDuration, provider, &[endpoint], seconds);
     }
 
     /// Counts one task submission the proxy refused to forward, by `reason`.
-    pub fn count_proxy_rejection(&self, provider: &str, reason: &str) {
+    #[allow(dead_code)] // recorded once the proxy is mounted in the exporter
+    pub(crate) fn count_proxy_rejection(&self, provider: &str, reason: &str) {
         self.count(Family::ProxySubmitRejections, provider, &[reason]);
     }
 
     /// Counts one panic caught in the background task named `task` (not durable).
-    pub fn count_task_panic(&self, task: &str) {
+    pub(crate) fn count_task_panic(&self, task: &str) {
         self.task_panics.with_label_values(&[task]).inc();
     }
 
@@ -244,7 +256,7 @@ impl Metrics {
     }
 
     /// Records that `provider` is paused until `until`.
-    pub fn set_pause(&self, provider: &str, until: Instant) {
+    pub(crate) fn set_pause(&self, provider: &str, until: Instant) {
         self.pauses
             .lock()
             .expect("metrics lock")

@@ -1,4 +1,4 @@
-//! apimall.ai adapter (providers.md §2): get-task per kind, history listings, the account
+//! apimall.ai adapter (docs/providers.md §2): get-task per kind, history listings, the account
 //! balance and account webhooks. apimall reports failures as free text, which
 //! [`FailureRules`] turns into the `reason` label.
 
@@ -9,7 +9,7 @@ use super::wire::{self, lenient, lenient_object};
 use super::{Balance, FailureClass, FailureRules, HistoryKind, HistoryPage, UpstreamFailure};
 use crate::task::{Observation, Status};
 
-pub const BALANCE_PATH: &str = "/api/v1/account/balances";
+pub(crate) const BALANCE_PATH: &str = "/api/v1/account/balances";
 
 /// Documented bounds of the history `limit` parameter.
 const HISTORY_LIMIT: std::ops::RangeInclusive<u32> = 1..=50;
@@ -79,7 +79,7 @@ struct WireBalance {
     api_credits: Option<f64>,
 }
 
-/// Documented statuses (providers.md §3), matched ignoring ASCII case; anything else is
+/// Documented statuses (docs/providers.md §3), matched ignoring ASCII case; anything else is
 /// `unknown`.
 const STATUSES: [(&str, Status); 5] = [
     ("pending", Status::Pending),
@@ -164,7 +164,7 @@ impl Apimall {
 
     /// `limit` is clamped to the documented 1–50, and so is the `limit` given to
     /// [`Apimall::parse_history`], so both agree on what a short page is.
-    pub fn history_path(&self, kind: HistoryKind, page: u32, limit: u32) -> String {
+    pub(crate) fn history_path(&self, kind: HistoryKind, page: u32, limit: u32) -> String {
         format!(
             "/api/v1/{}/history?page={}&limit={}",
             kind.as_str(),

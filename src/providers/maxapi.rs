@@ -1,4 +1,4 @@
-//! maxapi.io adapter (providers.md §1): `GET /api/v1/task/{taskId}` and the `callBackUrl`
+//! maxapi.io adapter (docs/providers.md §1): `GET /api/v1/task/{taskId}` and the `callBackUrl`
 //! callback, whose body is the same envelope. maxapi has no history, balance or credits.
 
 use serde::Deserialize;
@@ -56,7 +56,7 @@ struct WireInput {
     model: Option<String>,
 }
 
-/// Documented statuses (providers.md §3). Matched ignoring ASCII case; anything else is
+/// Documented statuses (docs/providers.md §3). Matched ignoring ASCII case; anything else is
 /// `unknown`, which keeps the task polled until its max age.
 const STATUSES: [(&str, Status); 7] = [
     ("PENDING", Status::Pending),
@@ -68,7 +68,7 @@ const STATUSES: [(&str, Status); 7] = [
     ("CANCELLED", Status::Cancelled),
 ];
 
-/// Documented `failure_reason` values (providers.md §4).
+/// Documented `failure_reason` values (docs/providers.md §4).
 const REASONS: [(&str, FailureReason); 3] = [
     ("CONTENT_MODERATION", FailureReason::ContentModeration),
     ("INVALID_PARAMETERS", FailureReason::InvalidParameters),

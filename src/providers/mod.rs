@@ -71,7 +71,7 @@ pub enum HistoryKind {
 }
 
 impl HistoryKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             HistoryKind::Images => "images",
             HistoryKind::Videos => "videos",
@@ -116,11 +116,6 @@ impl Adapter {
             Adapter::Maxapi(a) => a.parse_webhook(body),
             Adapter::Apimall(a) => a.parse_webhook(body),
         }
-    }
-
-    /// Whether this provider has a history listing and a balance endpoint.
-    pub fn supports_discovery(&self) -> bool {
-        matches!(self, Adapter::Apimall(_))
     }
 
     /// `None` for providers without a history listing.

@@ -1,5 +1,5 @@
 //! Classification of free-text failure messages (apimall `error_message`) into the bounded
-//! `reason` label (providers.md §4).
+//! `reason` label (docs/providers.md §4).
 //!
 //! apimall has no reason enum and its wording is undocumented, so the mapping is a list of
 //! regular expressions: the user's rules from the config first, then the built-in defaults;
@@ -63,7 +63,7 @@ pub struct FailureRules {
 /// A user rule from the config that cannot be used. `index` is the rule's position in the
 /// provider's `failure_reasons` list, counted from 0.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum RuleError {
+pub(crate) enum RuleError {
     #[error(
         "failure_reasons[{index}]: unknown reason {reason:?}, expected one of {}",
         reason_labels()
@@ -99,7 +99,7 @@ impl FailureRules {
 
     /// `user_rules` are `(reason label, pattern)` pairs from the config, tried in order before
     /// the built-in rules. Any label of the `reason` label set is accepted.
-    pub fn new(user_rules: &[(String, String)]) -> Result<Self, RuleError> {
+    pub(crate) fn new(user_rules: &[(String, String)]) -> Result<Self, RuleError> {
         let mut rules = Vec::with_capacity(user_rules.len() + DEFAULT_RULES.len());
         for (index, (reason, pattern)) in user_rules.iter().enumerate() {
             let reason =
@@ -120,7 +120,7 @@ impl FailureRules {
 
     /// No message (or a blank one) is `unspecified`: the provider gave no reason. A message no
     /// rule recognizes is `other`.
-    pub fn classify(&self, message: Option<&str>) -> FailureReason {
+    pub(crate) fn classify(&self, message: Option<&str>) -> FailureReason {
         let Some(message) = message.map(str::trim).filter(|m| !m.is_empty()) else {
             return FailureReason::Unspecified;
         };

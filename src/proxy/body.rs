@@ -13,7 +13,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 /// The application's body, cut off with an error past `limit` bytes. `over_limit` tells the
 /// forwarding code afterwards that the upstream request failed because of the limit (413),
 /// not because of the upstream (502).
-pub struct LimitedBody {
+pub(crate) struct LimitedBody {
     /// In a mutex only to be `Sync`, as reqwest asks of a request body; it is never contended
     /// (`poll_frame` has `&mut self`).
     inner: Mutex<axum::body::Body>,
@@ -23,10 +23,10 @@ pub struct LimitedBody {
 
 #[derive(Debug, thiserror::Error)]
 #[error("request body is over the proxy's limit")]
-pub struct BodyTooLarge;
+pub(crate) struct BodyTooLarge;
 
 impl LimitedBody {
-    pub fn new(inner: axum::body::Body, limit: u64, over_limit: Arc<AtomicBool>) -> Self {
+    pub(crate) fn new(inner: axum::body::Body, limit: u64, over_limit: Arc<AtomicBool>) -> Self {
         LimitedBody {
             inner: Mutex::new(inner),
             remaining: limit,
@@ -81,11 +81,11 @@ impl HttpBody for LimitedBody {
 
 /// Called once per answer body, when it ends or is dropped. `copy` is the whole body when a
 /// copy was asked for, the body fitted, and it arrived complete.
-pub type OnFinish = Box<dyn FnOnce(Option<Bytes>) + Send>;
+pub(crate) type OnFinish = Box<dyn FnOnce(Option<Bytes>) + Send>;
 
 /// The upstream's answer, passed through frame by frame. With `copy_limit`, it keeps a copy
 /// of the data up to that many bytes (a larger body drops the copy).
-pub struct TeeBody {
+pub(crate) struct TeeBody {
     inner: reqwest::Body,
     copy: Option<BytesMut>,
     copy_limit: usize,
@@ -94,7 +94,11 @@ pub struct TeeBody {
 }
 
 impl TeeBody {
-    pub fn new(inner: reqwest::Body, copy_limit: Option<usize>, on_finish: OnFinish) -> Self {
+    pub(crate) fn new(
+        inner: reqwest::Body,
+        copy_limit: Option<usize>,
+        on_finish: OnFinish,
+    ) -> Self {
         TeeBody {
             inner,
             copy: copy_limit.map(|_| BytesMut::new()),

@@ -23,7 +23,8 @@ pub enum ProxyEndpoint {
 }
 
 impl ProxyEndpoint {
-    pub const ALL: [ProxyEndpoint; 5] = [
+    #[allow(dead_code)] // used once the proxy is mounted in the exporter
+    pub(crate) const ALL: [ProxyEndpoint; 5] = [
         ProxyEndpoint::Submit,
         ProxyEndpoint::Task,
         ProxyEndpoint::History,
@@ -31,7 +32,7 @@ impl ProxyEndpoint {
         ProxyEndpoint::Other,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ProxyEndpoint::Submit => "submit",
             ProxyEndpoint::Task => "task",
@@ -42,12 +43,12 @@ impl ProxyEndpoint {
     }
 }
 
-/// apimall's task kinds, the second segment of its task paths (providers.md §2).
+/// apimall's task kinds, the second segment of its task paths (docs/providers.md §2).
 const APIMALL_KINDS: [&str; 3] = ["images", "videos", "audio"];
 
-/// Classifies a request by method and decoded path segments (providers.md §1, §2). The task
+/// Classifies a request by method and decoded path segments (docs/providers.md §1, §2). The task
 /// id of a get-task request is returned with it, for the observer.
-pub fn classify(
+pub(crate) fn classify(
     kind: ProviderKind,
     method: &Method,
     segments: &[String],
@@ -93,7 +94,7 @@ pub enum ProxyCode {
 }
 
 impl ProxyCode {
-    pub fn label(self) -> Cow<'static, str> {
+    pub(crate) fn label(self) -> Cow<'static, str> {
         match self {
             ProxyCode::Status(status) => Cow::Owned(status.to_string()),
             ProxyCode::ConnectError => Cow::Borrowed("connect_error"),

@@ -35,27 +35,25 @@ use bytes::Bytes;
 use crate::providers::reasons::FailureRules;
 
 pub use classify::{ProviderKind, ProxyCode, ProxyEndpoint};
-pub use observe::{
-    ProxyObserver, Refusal, RejectReason, Submission, SubmitOutcome, TaskAnswer, parse_submit,
-};
-pub use path::PathError;
+pub use observe::{ProxyObserver, Refusal, RejectReason, Submission, TaskAnswer};
+pub(crate) use observe::{SubmitOutcome, parse_submit};
 
 use body::{LimitedBody, OnFinish, TeeBody};
 use path::Base;
 
 /// Default request body limit: image and audio uploads go through submit requests.
-pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 64 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 64 * 1024 * 1024;
 /// Default time for the upstream to take the request body and answer with headers.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest answer copied for the observer; task and submit answers are a few KiB.
-pub const MAX_OBSERVED_BODY_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_OBSERVED_BODY_BYTES: usize = 256 * 1024;
 /// Shortest interval between two log lines of the same kind of fault for one provider.
 const LOG_INTERVAL_SECS: u64 = 10;
 
 /// One provider's proxy settings (`providers[].proxy` with the provider's `base_url`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProxySettings {
-    pub base_url: String,
+    pub(crate) base_url: String,
     pub max_request_body_bytes: u64,
     /// Time for the upstream to answer with headers (the request body's upload included);
     /// also the longest pause between two reads of the answer body.
@@ -248,7 +246,8 @@ impl ProviderProxy {
         })
     }
 
-    pub fn name(&self) -> &str {
+    #[allow(dead_code)] // used once the proxy is mounted in the exporter
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
@@ -275,7 +274,7 @@ impl ProviderProxy {
 
     /// Forwards `request`; `raw_path` is what follows `/proxy/{provider}` in the request
     /// path, still percent-encoded. The provider is taken from `self`, never from the request.
-    pub async fn forward(self: &Arc<Self>, raw_path: &str, request: Request) -> Response {
+    pub(crate) async fn forward(self: &Arc<Self>, raw_path: &str, request: Request) -> Response {
         // An absolute-form target (`GET http://host/...`) is what a forward-proxy client sends;
         // no application of a reverse proxy does.
         if request.version() <= Version::HTTP_11 && request.uri().authority().is_some() {
@@ -478,11 +477,12 @@ impl ProxyTable {
         }
     }
 
-    pub fn get(&self, provider: &str) -> Option<&Arc<ProviderProxy>> {
+    pub(crate) fn get(&self, provider: &str) -> Option<&Arc<ProviderProxy>> {
         self.providers.get(provider)
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[allow(dead_code)] // used once the proxy is mounted in the exporter
+    pub(crate) fn is_empty(&self) -> bool {
         self.providers.is_empty()
     }
 }

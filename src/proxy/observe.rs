@@ -1,5 +1,5 @@
 //! What the exporter learns from proxied traffic: the [`ProxyObserver`] callbacks, and the
-//! pure parsing of submit answers (providers.md §1, §2) behind them.
+//! pure parsing of submit answers (docs/providers.md §1, §2) behind them.
 
 use std::time::Duration;
 
@@ -53,7 +53,7 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Refusal::BadPath => "bad_path",
             Refusal::BodyTooLarge => "body_too_large",
@@ -78,15 +78,16 @@ pub enum RejectReason {
     Other,
 }
 
+#[allow(dead_code)] // `ALL` and `as_str` are used once the proxy is mounted in the exporter
 impl RejectReason {
-    pub const ALL: [RejectReason; 4] = [
+    pub(crate) const ALL: [RejectReason; 4] = [
         RejectReason::ContentModeration,
         RejectReason::InvalidParameters,
         RejectReason::InsufficientCredits,
         RejectReason::Other,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RejectReason::ContentModeration => "content_moderation",
             RejectReason::InvalidParameters => "invalid_parameters",
@@ -115,7 +116,7 @@ pub struct TaskAnswer {
 
 /// What a submit answer says.
 #[derive(Debug, Clone, PartialEq)]
-pub enum SubmitOutcome {
+pub(crate) enum SubmitOutcome {
     Submitted(Submission),
     Rejected(RejectReason),
     /// Anything else: authentication, throttling, server errors, unreadable bodies.
@@ -161,8 +162,8 @@ fn text(value: Option<&Value>) -> Option<&str> {
 }
 
 /// Reads a submit answer. `rules` classifies the provider's free-text message (the same
-/// rules as task failure messages, providers.md §4).
-pub fn parse_submit(
+/// rules as task failure messages, docs/providers.md §4).
+pub(crate) fn parse_submit(
     kind: ProviderKind,
     status: u16,
     body: &[u8],

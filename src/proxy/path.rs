@@ -11,7 +11,7 @@ use reqwest::Url;
 
 /// Why a request path or query cannot be forwarded. Bounded, for logs and the refusal count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathError {
+pub(crate) enum PathError {
     /// The path is neither empty nor starts with `/`.
     NotAbsolute,
     /// `//` anywhere in the path (a `//host` authority once joined).
@@ -29,7 +29,7 @@ pub enum PathError {
 }
 
 impl PathError {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             PathError::NotAbsolute => "not_absolute",
             PathError::EmptySegment => "empty_segment",
@@ -87,7 +87,7 @@ fn decode(raw: &str, forbidden: fn(u8) -> bool) -> Result<Vec<u8>, PathError> {
 
 /// Checks the application's path (what follows `/proxy/{provider}`, raw, still encoded) and
 /// returns its decoded segments. The empty path stands for `/`.
-pub fn check_path(raw: &str) -> Result<Vec<String>, PathError> {
+pub(crate) fn check_path(raw: &str) -> Result<Vec<String>, PathError> {
     if raw.is_empty() || raw == "/" {
         return Ok(Vec::new());
     }
@@ -119,7 +119,7 @@ pub fn check_path(raw: &str) -> Result<Vec<String>, PathError> {
 /// Checks the raw query: no fragment marker and no control character, raw or encoded. The
 /// query cannot change the destination, but it is forwarded verbatim, so nothing in it may
 /// split a request line or header on a less careful hop.
-pub fn check_query(raw: &str) -> Result<(), PathError> {
+pub(crate) fn check_query(raw: &str) -> Result<(), PathError> {
     if raw
         .bytes()
         .any(|b| b == b'#' || b.is_ascii_control() || b == b' ')
@@ -133,7 +133,7 @@ pub fn check_query(raw: &str) -> Result<(), PathError> {
 
 /// The configured destination: a base URL without query, fragment or userinfo.
 #[derive(Debug, Clone)]
-pub struct Base {
+pub(crate) struct Base {
     url: Url,
     /// The base path without its trailing slash (`""` for the root).
     prefix: String,
@@ -141,7 +141,7 @@ pub struct Base {
 
 impl Base {
     /// `None` when `base_url` cannot be used as a proxy destination.
-    pub fn parse(base_url: &str) -> Option<Base> {
+    pub(crate) fn parse(base_url: &str) -> Option<Base> {
         let url = Url::parse(base_url).ok()?;
         let usable = matches!(url.scheme(), "http" | "https")
             && url.host_str().is_some()
@@ -160,7 +160,7 @@ impl Base {
     /// [`check_query`]. Parses the result and refuses it unless it keeps the base's scheme,
     /// host, port and path prefix, and unless the URL parser left the path as written (it
     /// would otherwise have normalized something we did not foresee).
-    pub fn join(&self, raw_path: &str, raw_query: Option<&str>) -> Result<Url, PathError> {
+    pub(crate) fn join(&self, raw_path: &str, raw_query: Option<&str>) -> Result<Url, PathError> {
         let path = if raw_path.is_empty() { "/" } else { raw_path };
         let mut text = String::with_capacity(self.url.as_str().len() + path.len() + 64);
         text.push_str(self.url.scheme());

@@ -10,7 +10,7 @@ use std::fmt;
 /// Longest id kept inline (without a heap allocation) when it is not a UUID.
 const INLINE: usize = 22;
 /// Length of a UUID in its canonical text form (`8-4-4-4-12` hex digits).
-pub const UUID_LEN: usize = 36;
+pub(crate) const UUID_LEN: usize = 36;
 const DASHES: [usize; 4] = [8, 13, 18, 23];
 const ULID_LEN: usize = 26;
 const MAX_ULID_PREFIX: usize = 6;
@@ -19,7 +19,7 @@ const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 /// A task id. Every string has exactly one representation, so the derived `Eq` and `Hash`
 /// agree with the string's.
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub enum TaskId {
+pub(crate) enum TaskId {
     /// A canonical UUID whose hex letters are all lowercase (or which has none), as 16 bytes.
     Uuid([u8; 16]),
     /// A canonical UUID with at least one hex letter, all of them uppercase.
@@ -38,7 +38,7 @@ pub enum TaskId {
 }
 
 impl TaskId {
-    pub fn new(id: &str) -> TaskId {
+    pub(crate) fn new(id: &str) -> TaskId {
         if let Some((bytes, upper)) = parse_uuid(id) {
             return if upper {
                 TaskId::UuidUpper(bytes)
@@ -68,7 +68,7 @@ impl TaskId {
     }
 
     /// The id as text; UUIDs and ULIDs are written into `buf`.
-    pub fn as_str<'a>(&'a self, buf: &'a mut [u8; UUID_LEN]) -> &'a str {
+    pub(crate) fn as_str<'a>(&'a self, buf: &'a mut [u8; UUID_LEN]) -> &'a str {
         match self {
             TaskId::Ulid {
                 prefix_len,
@@ -202,17 +202,17 @@ fn format_uuid<'a>(bytes: &[u8; 16], digits: &[u8; 16], buf: &'a mut [u8; UUID_L
 /// distinct values shared by every task, so a task keeps a 2-byte index. Bounded: a
 /// provider sending ever new words fills it, and further words are kept per task.
 #[derive(Debug)]
-pub struct Words {
+pub(crate) struct Words {
     words: Vec<Box<str>>,
     index: HashMap<Box<str>, u16>,
 }
 
 /// Index meaning "not in the table": the word is kept with the task.
-pub const WORD_OVERFLOW: u16 = u16::MAX;
+pub(crate) const WORD_OVERFLOW: u16 = u16::MAX;
 const MAX_WORDS: usize = 1024;
 
 impl Words {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut w = Words {
             words: Vec::new(),
             index: HashMap::new(),
@@ -222,7 +222,7 @@ impl Words {
     }
 
     /// Index of `word`, or [`WORD_OVERFLOW`] when the table is full.
-    pub fn intern(&mut self, word: &str) -> u16 {
+    pub(crate) fn intern(&mut self, word: &str) -> u16 {
         if let Some(&i) = self.index.get(word) {
             return i;
         }
@@ -235,7 +235,7 @@ impl Words {
         i
     }
 
-    pub fn get(&self, i: u16) -> &str {
+    pub(crate) fn get(&self, i: u16) -> &str {
         self.words.get(usize::from(i)).map_or("", |w| w)
     }
 }

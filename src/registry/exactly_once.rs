@@ -123,11 +123,11 @@ fn restart(committed: &Committed, now: i64) -> ProviderTasks {
     let p = fresh();
     for (key, record) in &committed.tasks {
         let (_, id) = store::split_task_key(key).unwrap();
-        p.restore_task(id, record, now).unwrap();
+        p.restorer().task(id, record, now).unwrap();
     }
     for (key, last) in &committed.tombstones {
         let (_, id) = store::split_task_key(key).unwrap();
-        p.restore_tombstone(id, *last);
+        p.restorer().tombstone(id, *last);
     }
     p
 }

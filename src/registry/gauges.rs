@@ -9,12 +9,12 @@ use crate::task::{Status, UnixMillis};
 
 /// Gauge values of one provider, read at scrape time.
 #[derive(Debug, Clone, Default)]
-pub struct GaugeSnapshot {
+pub(crate) struct GaugeSnapshot {
     /// (model, status, count), only non-zero counts.
-    pub tasks: Vec<(Arc<str>, Status, u64)>,
+    pub(crate) tasks: Vec<(Arc<str>, Status, u64)>,
     /// Creation time of the oldest pending/running task.
-    pub oldest_in_flight_ms: Option<UnixMillis>,
-    pub tracked: u64,
+    pub(crate) oldest_in_flight_ms: Option<UnixMillis>,
+    pub(crate) tracked: u64,
 }
 
 impl Inner {

@@ -41,10 +41,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tokio::sync::Notify;
 
-pub use gauges::GaugeSnapshot;
-pub use record::DecodeError;
-pub use restore::Restorer;
-pub use view::{TaskView, format_millis};
+pub(crate) use gauges::GaugeSnapshot;
+pub(crate) use restore::Restorer;
+pub use view::TaskView;
 
 use crate::config::{Polling, Shard};
 use crate::providers::{FailureClass, UpstreamFailure};
@@ -54,9 +53,9 @@ use schedule::Policy;
 use table::Inner;
 
 /// Model label before the provider has told us the model.
-pub const MODEL_UNKNOWN: &str = "unknown";
+pub(crate) const MODEL_UNKNOWN: &str = "unknown";
 /// Model label for names past `max_models_per_provider`.
-pub const MODEL_OTHER: &str = "other";
+pub(crate) const MODEL_OTHER: &str = "other";
 
 /// How often static ids and unchanged task files are mentioned again: three times per
 /// `forget_after`. An id stays remembered (a tombstone) for `forget_after` after the last time
@@ -64,7 +63,7 @@ pub const MODEL_OTHER: &str = "other";
 /// exporter mentions static ids and task files itself at this pace. So an id that a source
 /// keeps listing is never counted twice, and ids that no source mentions any more are
 /// forgotten: memory stays bounded.
-pub fn remention_interval(polling: &Polling) -> std::time::Duration {
+pub(crate) fn remention_interval(polling: &Polling) -> std::time::Duration {
     (polling.forget_after / 3).max(std::time::Duration::from_secs(1))
 }
 
@@ -79,7 +78,7 @@ pub enum Source {
 }
 
 impl Source {
-    pub const ALL: [Source; 5] = [
+    pub(crate) const ALL: [Source; 5] = [
         Source::Static,
         Source::File,
         Source::Api,
@@ -87,7 +86,7 @@ impl Source {
         Source::History,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Source::Static => "static",
             Source::File => "file",
@@ -107,7 +106,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             DropReason::MaxAge => "max_age",
             DropReason::NotFound => "not_found",
@@ -159,7 +158,7 @@ pub enum TrackOutcome {
 /// Pending persistence work of one provider, taken by the persister.
 #[derive(Debug, Default)]
 pub struct Pending {
-    pub batch: Batch,
+    pub(crate) batch: Batch,
     pub events: Vec<Event>,
 }
 
@@ -167,8 +166,8 @@ pub struct Pending {
 #[derive(Debug, Clone)]
 pub struct PollError {
     /// `None` for transport failures (timeout, connection refused, ...).
-    pub class: Option<FailureClass>,
-    pub message: String,
+    pub(crate) class: Option<FailureClass>,
+    pub(crate) message: String,
 }
 
 impl From<&UpstreamFailure> for PollError {
@@ -229,14 +228,14 @@ impl Registry {
     /// Forgets a provider removed from the configuration (its store rows stay, so it
     /// continues where it was if it comes back). What it had not committed yet is handed to
     /// the persister once more (see [`Registry::take_retired`]).
-    pub fn remove_provider(&self, name: &str) {
+    pub(crate) fn remove_provider(&self, name: &str) {
         if let Some(tasks) = self.providers.write().expect("registry lock").remove(name) {
             self.retired.lock().expect("registry lock").push(tasks);
         }
     }
 
     /// Providers removed since the last call, for a last commit of their pending work.
-    pub fn take_retired(&self) -> Vec<Arc<ProviderTasks>> {
+    pub(crate) fn take_retired(&self) -> Vec<Arc<ProviderTasks>> {
         std::mem::take(&mut *self.retired.lock().expect("registry lock"))
     }
 
@@ -247,12 +246,12 @@ impl Registry {
         list
     }
 
-    pub fn shard(&self) -> Shard {
+    pub(crate) fn shard(&self) -> Shard {
         *self.shard.read().expect("registry lock")
     }
 
     /// The longest tombstone lifetime of any provider (store rows older than it can go).
-    pub fn max_tombstone_ttl_ms(&self) -> i64 {
+    pub(crate) fn max_tombstone_ttl_ms(&self) -> i64 {
         self.providers()
             .iter()
             .map(|p| p.lock().policy.tombstone_ttl_ms)
@@ -267,7 +266,7 @@ pub struct ProviderTasks {
     name: Arc<str>,
     inner: Mutex<Inner>,
     /// Wakes the poller when a task becomes due earlier than it planned.
-    pub wake: Notify,
+    pub(crate) wake: Notify,
 }
 
 impl ProviderTasks {
@@ -280,7 +279,7 @@ impl ProviderTasks {
         }
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
@@ -289,7 +288,7 @@ impl ProviderTasks {
     }
 
     /// Applies new polling settings (reload). Schedules already set are kept.
-    pub fn set_polling(&self, polling: &Polling) {
+    pub(crate) fn set_polling(&self, polling: &Polling) {
         self.lock().policy = Policy::from(polling);
     }
 
@@ -319,7 +318,7 @@ impl ProviderTasks {
     }
 
     /// Earliest time a task is due, if any is scheduled.
-    pub fn next_due(&self) -> Option<i64> {
+    pub(crate) fn next_due(&self) -> Option<i64> {
         self.lock().peek_due()
     }
 
@@ -349,7 +348,7 @@ impl ProviderTasks {
     }
 
     /// Asks for one poll of `id` now (a callback arrived: confirm it).
-    pub fn poll_soon(&self, id: &str, now: i64) {
+    pub(crate) fn poll_soon(&self, id: &str, now: i64) {
         let mut inner = self.lock();
         if let Some(slot) = inner.slot_of(id) {
             inner.schedule_at(slot, now);
@@ -360,16 +359,16 @@ impl ProviderTasks {
 
     /// Schedules every unfinished task that has no poll planned: tasks taken by a poller
     /// that was stopped (reload) before their answer came back.
-    pub fn reschedule_unscheduled(&self, now: i64) {
+    pub(crate) fn reschedule_unscheduled(&self, now: i64) {
         self.lock().reschedule_unscheduled(now);
     }
 
     /// Ends retention of finished tasks and expires old tombstones.
-    pub fn sweep(&self, now: i64) {
+    pub(crate) fn sweep(&self, now: i64) {
         self.lock().sweep(now);
     }
 
-    pub fn gauges(&self) -> GaugeSnapshot {
+    pub(crate) fn gauges(&self) -> GaugeSnapshot {
         self.lock().gauges()
     }
 
@@ -393,20 +392,9 @@ impl ProviderTasks {
         self.lock().take_pending(true)
     }
 
-    /// Restores a task record read from the store (start-up). Finished tasks come back for
-    /// the rest of their retention, in-flight ones are due within one interval. The caller
-    /// has checked that this shard owns it (`App::start`).
-    pub fn restore_task(&self, id: &str, record: &[u8], now: i64) -> Result<(), DecodeError> {
-        self.restorer().task(id, record, now)
-    }
-
-    pub fn restore_tombstone(&self, id: &str, last_seen: i64) {
-        self.restorer().tombstone(id, last_seen);
-    }
-
     /// Restores many records under one lock (start-up: a million records take a second,
     /// not a million lock round trips). Polling waits until the restorer is dropped.
-    pub fn restorer(&self) -> Restorer<'_> {
+    pub(crate) fn restorer(&self) -> Restorer<'_> {
         Restorer { inner: self.lock() }
     }
 }

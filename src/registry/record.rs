@@ -8,7 +8,7 @@ const RECORD_VERSION: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
 #[error("task record is corrupt or of an unknown version")]
-pub struct DecodeError;
+pub(crate) struct DecodeError;
 
 /// A record as read, borrowing its text from the record bytes.
 #[derive(Debug, PartialEq)]
@@ -200,7 +200,7 @@ mod tests {
         assert!(decode_task(&record[..record.len() - 1]).is_err());
 
         let q = tasks();
-        q.restore_task("a", record, 20).unwrap();
+        q.restorer().task("a", record, 20).unwrap();
         q.observe(&o, 30);
         assert_eq!(
             completed(&q.take_pending().events),

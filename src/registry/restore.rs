@@ -9,13 +9,13 @@ use super::schedule::Next;
 use super::table::{COUNTED, Inner, NO_TIME, id_hash, slot_hasher};
 
 /// Restores many records under one lock; see [`ProviderTasks::restorer`](super::ProviderTasks::restorer).
-pub struct Restorer<'a> {
+pub(crate) struct Restorer<'a> {
     pub(super) inner: MutexGuard<'a, Inner>,
 }
 
 impl Restorer<'_> {
     /// Makes room for `additional` more tasks (start-up knows how many rows there are).
-    pub fn reserve(&mut self, additional: usize) {
+    pub(crate) fn reserve(&mut self, additional: usize) {
         let inner = &mut *self.inner;
         inner.slots.reserve(additional);
         inner
@@ -23,8 +23,10 @@ impl Restorer<'_> {
             .reserve(additional, slot_hasher(&inner.slots, &inner.hasher));
     }
 
-    /// Like [`ProviderTasks::restore_task`](super::ProviderTasks::restore_task).
-    pub fn task(&mut self, id: &str, record: &[u8], now: i64) -> Result<(), DecodeError> {
+    /// Restores a task record read from the store (start-up). Finished tasks come back for
+    /// the rest of their retention, in-flight ones are due within one interval. The caller
+    /// has checked that this shard owns it (`App::start`).
+    pub(crate) fn task(&mut self, id: &str, record: &[u8], now: i64) -> Result<(), DecodeError> {
         let inner = &mut *self.inner;
         let d = decode_task(record)?;
         let task_id = TaskId::new(id);
@@ -69,8 +71,8 @@ impl Restorer<'_> {
         Ok(())
     }
 
-    /// Like [`ProviderTasks::restore_tombstone`](super::ProviderTasks::restore_tombstone).
-    pub fn tombstone(&mut self, id: &str, last_seen: i64) {
+    /// Restores a tombstone read from the store (start-up).
+    pub(crate) fn tombstone(&mut self, id: &str, last_seen: i64) {
         self.inner.tombstones.insert(id_hash(id), last_seen);
     }
 }

@@ -6,23 +6,23 @@ use crate::task::{FailureReason, Status};
 /// A task as the API and landing page show it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TaskView {
-    pub id: String,
-    pub provider: String,
-    pub model: String,
+    pub(crate) id: String,
+    pub(crate) provider: String,
+    pub(crate) model: String,
     pub status: &'static str,
-    pub upstream_status: String,
-    pub failure_reason: Option<&'static str>,
-    pub error_message: Option<String>,
-    pub source: &'static str,
-    pub created_at: Option<String>,
-    pub updated_at: Option<String>,
-    pub completed_at: Option<String>,
-    pub first_seen_at: String,
-    pub last_polled_at: Option<String>,
-    pub next_poll_at: Option<String>,
-    pub credits_used: f64,
-    pub credits_refunded: f64,
-    pub last_error: Option<String>,
+    pub(crate) upstream_status: String,
+    pub(crate) failure_reason: Option<&'static str>,
+    pub(crate) error_message: Option<String>,
+    pub(crate) source: &'static str,
+    pub(crate) created_at: Option<String>,
+    pub(crate) updated_at: Option<String>,
+    pub(crate) completed_at: Option<String>,
+    pub(crate) first_seen_at: String,
+    pub(crate) last_polled_at: Option<String>,
+    pub(crate) next_poll_at: Option<String>,
+    pub(crate) credits_used: f64,
+    pub(crate) credits_refunded: f64,
+    pub(crate) last_error: Option<String>,
 }
 
 impl Inner {
@@ -62,7 +62,7 @@ impl Inner {
 }
 
 /// RFC 3339 text of a Unix-millisecond time, for the API.
-pub fn format_millis(ms: i64) -> String {
+pub(crate) fn format_millis(ms: i64) -> String {
     let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_millis(time).to_string()
 }

@@ -129,18 +129,8 @@ pub enum ModelKind {
 }
 
 impl ModelKind {
-    pub const ALL: [ModelKind; 3] = [ModelKind::Image, ModelKind::Video, ModelKind::Audio];
-
     pub(crate) fn index(self) -> usize {
         self as usize
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelKind::Image => "image",
-            ModelKind::Video => "video",
-            ModelKind::Audio => "audio",
-        }
     }
 }
 
@@ -353,7 +343,7 @@ impl SimConfig {
     /// Check every value; the first problem is returned with its key path.
     /// [`crate::simulator::Simulator::new`] does not call this: it clamps instead, so that a
     /// test's hand-built config can never make it panic.
-    pub fn validate(&self) -> Result<(), SimConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), SimConfigError> {
         if self.max_tasks == 0 {
             return Err(invalid("max_tasks", "must be at least 1"));
         }
@@ -628,7 +618,7 @@ mod duration {
 
     use serde::{Deserialize, Deserializer};
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         crate::config::HumanDuration::deserialize(d).map(|d| d.0)
     }
 }
@@ -639,13 +629,10 @@ mod opt_duration {
 
     use serde::{Deserialize, Deserializer};
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        match Option::<String>::deserialize(d)? {
-            None => Ok(None),
-            Some(text) => humantime::parse_duration(&text).map(Some).map_err(|e| {
-                serde::de::Error::custom(format!("invalid duration {text:?}: {e} (e.g. \"500ms\")"))
-            }),
-        }
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<crate::config::HumanDuration>::deserialize(d)?.map(|d| d.0))
     }
 }
 

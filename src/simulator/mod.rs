@@ -2,8 +2,8 @@
 //! `demo` / `simulate`.
 //!
 //! One [`Simulator`] serves both providers' paths on one listener, with the exact wire shapes
-//! of providers.md: maxapi (`/api/v1/task/...`) and apimall (`/api/v1/images|videos|audio/...`,
-//! `/api/v1/account/balances`). Tasks are created by a background workload, by maxapi submit,
+//! of docs/providers.md §1, §2: maxapi (`/api/v1/task/...`) and apimall
+//! (`/api/v1/images|videos|audio/...`, `/api/v1/account/balances`). Tasks are created by a background workload, by maxapi submit,
 //! or directly by tests ([`Simulator::create_task`]); each task's whole life is drawn from a
 //! seeded generator at creation and then follows the wall clock. Faults (5xx, 429, slow
 //! answers, malformed bodies, outages, a rate limit) are drawn per request from the same seed
@@ -41,14 +41,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+pub use config::SimConfigError;
 pub use config::{
-    FailureMix, Faults, ModelKind, ModelSim, Outage, ProviderSim, Register, SimConfig,
-    SimConfigError, Workload,
+    FailureMix, Faults, ModelKind, ModelSim, Outage, ProviderSim, Register, SimConfig, Workload,
 };
-pub use truth::{
-    DeliveryCounts, FaultCounts, GroundTruth, ModelTruth, OutcomeList, PollReport, PollSummary,
-    ProviderTruth, ReasonCounts, TaskList, TaskOutcome, TaskPolls, TerminalCounts,
-};
+pub use truth::DeliveryCounts;
+pub use truth::FaultCounts;
+pub use truth::ModelTruth;
+pub use truth::PollSummary;
+pub use truth::ProviderTruth;
+pub use truth::ReasonCounts;
+pub use truth::TaskPolls;
+pub use truth::TerminalCounts;
+pub use truth::{GroundTruth, OutcomeList, PollReport, TaskList, TaskOutcome};
 pub use wire::{APIMALL_FAILURE_MESSAGES, MAXAPI_FAILURE_REASONS};
 
 use state::State;
@@ -64,7 +69,7 @@ pub enum SimProvider {
 }
 
 impl SimProvider {
-    pub const ALL: [SimProvider; 2] = [SimProvider::Maxapi, SimProvider::Apimall];
+    pub(crate) const ALL: [SimProvider; 2] = [SimProvider::Maxapi, SimProvider::Apimall];
 
     /// The provider type name (`maxapi`, `apimall`), also the key in `/_sim/*` answers.
     pub fn as_str(self) -> &'static str {
@@ -74,7 +79,7 @@ impl SimProvider {
         }
     }
 
-    pub fn parse(name: &str) -> Option<SimProvider> {
+    pub(crate) fn parse(name: &str) -> Option<SimProvider> {
         SimProvider::ALL.into_iter().find(|p| p.as_str() == name)
     }
 
@@ -161,11 +166,6 @@ impl Simulator {
         };
         sim.ensure_pump();
         sim
-    }
-
-    /// The configuration in use (after clamping).
-    pub fn config(&self) -> &SimConfig {
-        &self.inner.cfg
     }
 
     /// Both providers' API paths and the `/_sim/*` paths.

@@ -75,25 +75,25 @@ pub(crate) enum Phase {
 /// Everything about a task, drawn at creation. Immutable.
 #[derive(Debug)]
 pub(crate) struct Plan {
-    pub id: Arc<str>,
-    pub provider: SimProvider,
-    pub model: Arc<str>,
-    pub kind: ModelKind,
-    pub created_wall: SystemTime,
-    pub created_at: Instant,
+    pub(crate) id: Arc<str>,
+    pub(crate) provider: SimProvider,
+    pub(crate) model: Arc<str>,
+    pub(crate) kind: ModelKind,
+    pub(crate) created_wall: SystemTime,
+    pub(crate) created_at: Instant,
     /// Offsets from creation of each status change.
-    pub to_processing: Duration,
-    pub to_submitted: Duration,
-    pub to_terminal: Duration,
-    pub outcome: Outcome,
+    pub(crate) to_processing: Duration,
+    pub(crate) to_submitted: Duration,
+    pub(crate) to_terminal: Duration,
+    pub(crate) outcome: Outcome,
     /// apimall charge (0 for maxapi).
-    pub credits: f64,
+    pub(crate) credits: f64,
     /// maxapi: the submitted `input` (workload tasks get a generated one at render time).
-    pub input: Option<serde_json::Value>,
+    pub(crate) input: Option<serde_json::Value>,
     /// maxapi: `callBackUrl` of this task.
-    pub callback: Option<String>,
+    pub(crate) callback: Option<String>,
     /// Random bits for rendering choices (prompt, null vs absent, null vs empty).
-    pub variant: u32,
+    pub(crate) variant: u32,
 }
 
 impl Plan {
@@ -127,10 +127,10 @@ impl Plan {
 
 /// A remembered task and how it was polled.
 pub(crate) struct Entry {
-    pub plan: Arc<Plan>,
-    pub polls: u64,
-    pub keys_mask: u64,
-    pub polls_after_terminal: u64,
+    pub(crate) plan: Arc<Plan>,
+    pub(crate) polls: u64,
+    pub(crate) keys_mask: u64,
+    pub(crate) polls_after_terminal: u64,
 }
 
 /// Heap item: a task whose terminal outcome has not been accounted yet.
@@ -155,43 +155,43 @@ impl Ord for Due {
 
 /// A callback body waiting for the background pump.
 pub(crate) struct Delivery {
-    pub provider: SimProvider,
-    pub url: String,
-    pub body: Vec<u8>,
+    pub(crate) provider: SimProvider,
+    pub(crate) url: String,
+    pub(crate) body: Vec<u8>,
 }
 
 /// Per-provider store and counters.
 #[derive(Default)]
 pub(crate) struct ProviderState {
-    pub tasks: HashMap<Arc<str>, Entry>,
+    pub(crate) tasks: HashMap<Arc<str>, Entry>,
     /// Remembered ids in creation order; `first_index` is the creation index of the front.
-    pub order: VecDeque<Arc<str>>,
-    pub first_index: u64,
+    pub(crate) order: VecDeque<Arc<str>>,
+    pub(crate) first_index: u64,
     /// Remembered ids per kind, creation order (apimall history).
-    pub by_kind: [VecDeque<Arc<str>>; 3],
-    pub models: BTreeMap<Arc<str>, ModelTruth>,
-    pub evicted: u64,
-    pub balance: f64,
-    pub faults: FaultCounts,
-    pub requests: BTreeMap<&'static str, u64>,
-    pub responses: BTreeMap<u16, u64>,
-    pub not_found_polls: u64,
+    pub(crate) by_kind: [VecDeque<Arc<str>>; 3],
+    pub(crate) models: BTreeMap<Arc<str>, ModelTruth>,
+    pub(crate) evicted: u64,
+    pub(crate) balance: f64,
+    pub(crate) faults: FaultCounts,
+    pub(crate) requests: BTreeMap<&'static str, u64>,
+    pub(crate) responses: BTreeMap<u16, u64>,
+    pub(crate) not_found_polls: u64,
     /// Authorized get-task requests per key fingerprint (bounded, see `record_poll`).
-    pub key_polls: BTreeMap<String, u64>,
-    pub register_queue: VecDeque<Arc<str>>,
-    pub callbacks: DeliveryCounts,
-    pub registrations: DeliveryCounts,
+    pub(crate) key_polls: BTreeMap<String, u64>,
+    pub(crate) register_queue: VecDeque<Arc<str>>,
+    pub(crate) callbacks: DeliveryCounts,
+    pub(crate) registrations: DeliveryCounts,
 }
 
 /// Everything behind the simulator's lock.
 pub(crate) struct State {
-    pub providers: [ProviderState; 2],
+    pub(crate) providers: [ProviderState; 2],
     due: BinaryHeap<Reverse<Due>>,
     seq: u64,
-    pub outbox: VecDeque<Delivery>,
+    pub(crate) outbox: VecDeque<Delivery>,
     rng: fastrand::Rng,
     /// Fault generators and token buckets, per provider.
-    pub faults: [FaultState; 2],
+    pub(crate) faults: [FaultState; 2],
 }
 
 /// Maps a model name a caller asked for to its behaviour.

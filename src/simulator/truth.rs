@@ -12,7 +12,7 @@ use crate::task::{FailureReason, Status};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GroundTruth {
     /// Seconds since the simulator was created (outage windows count from there).
-    pub uptime_seconds: f64,
+    pub(crate) uptime_seconds: f64,
     /// No background workload is still creating tasks.
     pub workload_done: bool,
     /// `workload_done` and every created task terminal.
@@ -53,7 +53,7 @@ pub struct ModelTruth {
     /// Terminal tasks by normalized status.
     pub terminal: TerminalCounts,
     /// Failed, timed-out and cancelled tasks by the normalized reason the exporter should
-    /// derive with its default rules (providers.md §4).
+    /// derive with its default rules (docs/providers.md §4).
     pub failures: ReasonCounts,
     /// Credits charged for every created task (apimall charges at creation).
     pub credits_used: f64,
@@ -62,13 +62,13 @@ pub struct ModelTruth {
     /// Credits charged for terminal tasks only.
     pub terminal_credits_used: f64,
     /// Credits refunded for terminal tasks (equals `credits_refunded`).
-    pub terminal_credits_refunded: f64,
+    pub(crate) terminal_credits_refunded: f64,
 }
 
 /// Terminal tasks by normalized status.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TerminalCounts {
-    pub succeeded: u64,
+    pub(crate) succeeded: u64,
     pub failed: u64,
     pub timed_out: u64,
     pub cancelled: u64,
@@ -112,8 +112,8 @@ impl TerminalCounts {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReasonCounts {
     pub content_moderation: u64,
-    pub invalid_parameters: u64,
-    pub insufficient_credits: u64,
+    pub(crate) invalid_parameters: u64,
+    pub(crate) insufficient_credits: u64,
     pub timeout: u64,
     pub cancelled: u64,
     pub unspecified: u64,
@@ -200,9 +200,9 @@ pub struct DeliveryCounts {
     /// Failed attempts (transport error, timeout or non-2xx). Callbacks are not retried;
     /// a failed registration batch is retried at the next flush, so its ids may count here
     /// more than once before they count as delivered.
-    pub failed: u64,
+    pub(crate) failed: u64,
     /// Dropped without an attempt because the outbound queue was full.
-    pub dropped: u64,
+    pub(crate) dropped: u64,
 }
 
 /// `GET /_sim/polls[?provider=]`: how the tasks were polled.
@@ -224,8 +224,8 @@ pub struct PollSummary {
     /// Most distinct keys that polled one task (1 when every task is polled with one key).
     pub max_distinct_keys_per_task: u64,
     /// Polls of tasks that were already terminal at the time.
-    pub polls_after_terminal: u64,
-    pub max_polls_after_terminal: u64,
+    pub(crate) polls_after_terminal: u64,
+    pub(crate) max_polls_after_terminal: u64,
     /// Authorized get-task requests for ids the simulator does not know (or has forgotten).
     pub not_found_polls: u64,
 }
@@ -234,16 +234,16 @@ pub struct PollSummary {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskPolls {
     pub task_id: String,
-    pub provider: String,
-    pub polls: u64,
+    pub(crate) provider: String,
+    pub(crate) polls: u64,
     pub distinct_keys: u64,
-    pub polls_after_terminal: u64,
+    pub(crate) polls_after_terminal: u64,
 }
 
 /// `GET /_sim/tasks?provider=&after=&limit=`: created ids in creation order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskList {
-    pub provider: String,
+    pub(crate) provider: String,
     /// Index (0-based, in creation order) of the first id returned.
     pub after: u64,
     /// Pass this as `after` to get the next ids.

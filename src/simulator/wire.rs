@@ -1,4 +1,4 @@
-//! The providers' wire formats (providers.md §1, §2): bodies, ids, timestamps.
+//! The providers' wire formats (docs/providers.md §1, §2): bodies, ids, timestamps.
 //!
 //! Bodies are serialized from structs so that keys come out in the documented order, which
 //! makes captured answers easy to compare with the documentation by eye.
@@ -15,7 +15,7 @@ use super::config::{ModelKind, SimConfig};
 use super::state::{Delivery, Outcome, Phase, Plan};
 
 /// apimall `error_message` wordings and the reason the exporter's default rules should
-/// derive from each (providers.md §4). `None` messages are sent as JSON `null`.
+/// derive from each (docs/providers.md §4). `None` messages are sent as JSON `null`.
 pub const APIMALL_FAILURE_MESSAGES: &[(Option<&str>, FailureReason)] = &[
     (
         Some("Content blocked by safety policy"),

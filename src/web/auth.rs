@@ -24,7 +24,7 @@ const MAX_CACHED: usize = 1024;
 /// bcrypt takes 50-100 ms by design; a scraper that sends the same credentials every
 /// 15 s should not pay that each time. The cache key is a SHA-256 of user, password and
 /// hash, so the cache holds no password and a changed hash (reload) misses.
-pub struct Verifier {
+pub(crate) struct Verifier {
     cache: Mutex<HashSet<[u8; 32]>>,
     /// bcrypt checks running at once: a flood of wrong passwords queues here instead of
     /// taking every blocking thread.
@@ -60,7 +60,7 @@ fn decoy_hash() -> &'static str {
 
 impl Verifier {
     /// Whether `password` matches `hash` (`None`: unknown user, always false).
-    pub async fn verify(&self, user: &str, password: &str, hash: Option<&Secret>) -> bool {
+    pub(crate) async fn verify(&self, user: &str, password: &str, hash: Option<&Secret>) -> bool {
         let key = hash.map(|h| cache_key(user, password, h.expose()));
         if let Some(key) = &key
             && self.cache.lock().expect("auth cache lock").contains(key)
@@ -143,7 +143,7 @@ fn unauthorized() -> Response {
 }
 
 /// The middleware: rate limit, basic auth, headers.
-pub async fn guard(State(web): State<Arc<Web>>, request: Request, next: Next) -> Response {
+pub(crate) async fn guard(State(web): State<Arc<Web>>, request: Request, next: Next) -> Response {
     let config = web.config();
     let mut response = if !web.limiter.allow(config.rate_limit) {
         (StatusCode::TOO_MANY_REQUESTS, "Too Many Requests\n").into_response()
@@ -170,7 +170,7 @@ pub async fn guard(State(web): State<Arc<Web>>, request: Request, next: Next) ->
 
 /// `rate_limit`: a token bucket over every request (as in the toolkit).
 #[derive(Default)]
-pub struct Limiter {
+pub(crate) struct Limiter {
     state: Mutex<Option<(RateLimit, f64, Instant)>>,
 }
 

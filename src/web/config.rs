@@ -73,28 +73,28 @@ struct RateLimitFile {
 
 /// Requests allowed: `burst` at once, one more every `interval`.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateLimit {
-    pub burst: u32,
-    pub interval: Duration,
+pub(crate) struct RateLimit {
+    pub(crate) burst: u32,
+    pub(crate) interval: Duration,
 }
 
 /// The loaded web configuration.
 #[derive(Debug)]
 pub struct WebConfig {
     /// The file it came from.
-    pub source: PathBuf,
+    pub(crate) source: PathBuf,
     /// The TLS server configuration; `None` serves plain HTTP (no `tls_server_config`, or one
     /// that names no certificate, as in the toolkit).
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// Whether HTTP/2 is offered (`http_server_config.http2`, default true; TLS only).
-    pub http2: bool,
+    pub(crate) http2: bool,
     /// Headers added to every response.
-    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
     /// User name to bcrypt hash; empty: no basic auth.
-    pub users: BTreeMap<String, Secret>,
-    pub rate_limit: Option<RateLimit>,
+    pub(crate) users: BTreeMap<String, Secret>,
+    pub(crate) rate_limit: Option<RateLimit>,
     /// Things accepted but not applied (cipher suites, curves), for the log.
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
     /// The files read (this one, certificates, keys, CAs) and how they looked, to notice
     /// when they change.
     pub(crate) stamps: Vec<(PathBuf, Option<FileStamp>)>,
@@ -135,7 +135,7 @@ const FORBIDDEN_HEADERS: &[&str] = &[
 ];
 
 /// Reads, parses and checks the web configuration at `path`, certificates included.
-pub fn load(path: &Path) -> Result<WebConfig, ConfigError> {
+pub(crate) fn load(path: &Path) -> Result<WebConfig, ConfigError> {
     let file = path.display().to_string();
     let parsed: WebFile = load_yaml_file(path)?;
     let base = path.parent().unwrap_or(Path::new("."));

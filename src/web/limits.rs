@@ -34,22 +34,22 @@ const FALLBACK_FD_LIMIT: u64 = 1024;
 
 /// Overrides the timeouts, for tests only:
 /// `header_read=2,tls_handshake=2,idle=3,drain=5` (seconds, each key optional).
-pub const TIMEOUTS_ENV: &str = "GENAI_EXPORTER_LISTENER_TIMEOUTS";
+pub(crate) const TIMEOUTS_ENV: &str = "GENAI_EXPORTER_LISTENER_TIMEOUTS";
 
 /// Timeouts and the connection cap of one listener.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Limits {
-    pub header_read_timeout: Duration,
-    pub tls_handshake_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub drain_timeout: Duration,
-    pub max_connections: usize,
+pub(crate) struct Limits {
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) tls_handshake_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
+    pub(crate) max_connections: usize,
 }
 
 impl Limits {
     /// The defaults, the cap from the process's open file limit, and the test override of
     /// [`TIMEOUTS_ENV`] when set.
-    pub fn from_process() -> Limits {
+    pub(crate) fn from_process() -> Limits {
         let mut limits = Limits {
             header_read_timeout: HEADER_READ_TIMEOUT,
             tls_handshake_timeout: TLS_HANDSHAKE_TIMEOUT,

@@ -7,19 +7,18 @@
 //! second, on new connections and requests), so a rotated certificate is served without a
 //! restart. A file that no longer loads keeps the running configuration.
 
-pub mod auth;
+pub(crate) mod auth;
 pub mod config;
-pub mod limits;
-pub mod serve;
-pub mod tls;
+pub(crate) mod limits;
+pub(crate) mod serve;
+pub(crate) mod tls;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 pub use config::WebConfig;
-pub use limits::Limits;
-pub use serve::{serve, serve_with_limits};
+pub(crate) use serve::serve;
 
 use crate::config::{ConfigError, Problem};
 
@@ -70,7 +69,7 @@ impl Web {
         }))
     }
 
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         self.tls
     }
 
@@ -81,7 +80,7 @@ impl Web {
     }
 
     /// Re-reads the file and the certificates. On error the running configuration stays.
-    pub fn reload(&self) -> Result<(), ConfigError> {
+    pub(crate) fn reload(&self) -> Result<(), ConfigError> {
         let config = config::load(&self.path)?;
         if config.tls.is_some() != self.tls {
             return Err(ConfigError::Invalid {

@@ -38,7 +38,7 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// few seconds and closes the rest. With `web`, every request passes its basic auth, rate
 /// limit and headers, and the listener speaks TLS when it configures a certificate.
 /// Timeouts and the connection cap are [`Limits::from_process`].
-pub async fn serve<F>(
+pub(crate) async fn serve<F>(
     listener: TcpListener,
     router: Router,
     web: Option<Arc<Web>>,
@@ -51,7 +51,7 @@ where
 }
 
 /// [`serve`] with explicit timeouts and connection cap.
-pub async fn serve_with_limits<F>(
+pub(crate) async fn serve_with_limits<F>(
     listener: TcpListener,
     router: Router,
     web: Option<Arc<Web>>,

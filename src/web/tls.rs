@@ -18,7 +18,7 @@ use crate::secret::Secret;
 
 /// Where a PEM block comes from.
 #[derive(Debug, Clone)]
-pub enum PemSource {
+pub(crate) enum PemSource {
     File(PathBuf),
     /// Inline in the web configuration (`cert`, `key`, `client_ca`).
     Inline(Secret),
@@ -26,7 +26,7 @@ pub enum PemSource {
 
 /// `client_auth_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientAuth {
+pub(crate) enum ClientAuth {
     /// `NoClientCert`: no certificate is asked for.
     None,
     /// `RequestClientCert`: asked for, not required, not verified.
@@ -41,20 +41,20 @@ pub enum ClientAuth {
 
 /// The checked `tls_server_config`.
 #[derive(Debug, Clone)]
-pub struct TlsSettings {
-    pub cert: PemSource,
-    pub key: PemSource,
-    pub client_ca: Option<PemSource>,
-    pub client_auth: ClientAuth,
-    pub tls12: bool,
-    pub tls13: bool,
-    pub http2: bool,
-    pub prefer_server_order: bool,
+pub(crate) struct TlsSettings {
+    pub(crate) cert: PemSource,
+    pub(crate) key: PemSource,
+    pub(crate) client_ca: Option<PemSource>,
+    pub(crate) client_auth: ClientAuth,
+    pub(crate) tls12: bool,
+    pub(crate) tls13: bool,
+    pub(crate) http2: bool,
+    pub(crate) prefer_server_order: bool,
 }
 
 impl TlsSettings {
     /// The files this configuration reads (to notice when they change).
-    pub fn files(&self) -> impl Iterator<Item = &PathBuf> {
+    pub(crate) fn files(&self) -> impl Iterator<Item = &PathBuf> {
         [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()]
             .into_iter()
             .flatten()
@@ -102,7 +102,7 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Reads the certificates and keys and builds the server configuration.
-pub fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, Vec<Problem>> {
+pub(crate) fn server_config(s: &TlsSettings) -> Result<Arc<ServerConfig>, Vec<Problem>> {
     let mut problems = Vec::new();
     let certs = certificates(&s.cert, "cert")
         .map_err(|p| problems.push(p))

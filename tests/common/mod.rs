@@ -1,6 +1,7 @@
 //! Test harness: a scriptable fake upstream, the exporter started in-process on
 //! 127.0.0.1:0, and a parser for the text exposition format.
 #![allow(dead_code)] // each test binary uses a different part of the harness
+#![allow(unreachable_pub)] // shared by the test binaries: `pub` is how they reach it
 
 pub mod demo;
 
