@@ -448,3 +448,73 @@ impl ProviderTasks {
         Restorer { inner: self.lock() }
     }
 }
+
+#[cfg(test)]
+mod proxy_tests {
+    use super::test_support::{completed, obs, tasks};
+    use super::*;
+
+    /// Interval 10 s, +-10 % jitter: the first poll of a proxied task is 9-11 s away.
+    #[test]
+    fn a_task_from_the_proxy_is_first_polled_one_interval_later() {
+        let p = tasks();
+        assert_eq!(p.track_from_proxy("a", 1_000), TrackOutcome::New);
+        let due = p.next_due().expect("planned");
+        assert!((10_000..=12_000).contains(&due), "{due}");
+        assert_eq!(p.take_due(9_999), None);
+        assert_eq!(p.track_from_proxy("a", 2_000), TrackOutcome::Known);
+        let events = p.take_pending().events;
+        assert_eq!(
+            events,
+            [Event::Discovered {
+                source: Source::Proxy
+            }]
+        );
+    }
+
+    #[test]
+    fn application_answers_postpone_our_polls_and_count_once() {
+        let p = tasks();
+        p.track("a", Source::Static, 0);
+        assert_eq!(p.take_due(0).as_deref(), Some("a"));
+        p.record_poll("a", Ok(&obs("a", Status::Running)), 0);
+        let planned = p.next_due().expect("planned");
+        // The application polls every 2 s: our poll keeps moving away.
+        let mut now = 0;
+        for _ in 0..20 {
+            now += 2_000;
+            assert_eq!(p.take_due(now), None, "polled by us at {now}");
+            assert_eq!(
+                p.record_application_poll(&obs("a", Status::Running), now),
+                Some(false)
+            );
+            assert!(p.next_due().unwrap() > now);
+        }
+        assert!(now > planned);
+        assert_eq!(
+            p.record_application_poll(&obs("a", Status::Succeeded), now + 1),
+            Some(true)
+        );
+        assert_eq!(
+            p.record_application_poll(&obs("a", Status::Succeeded), now + 2),
+            Some(false),
+            "a replay counts nothing"
+        );
+        assert_eq!(p.next_due(), None, "a finished task is not polled");
+        assert_eq!(completed(&p.take_pending().events), 1);
+        assert_eq!(
+            p.record_application_poll(&obs("b", Status::Running), now),
+            None
+        );
+    }
+
+    #[test]
+    fn our_polls_resume_when_the_application_stops() {
+        let p = tasks();
+        p.track_from_proxy("a", 0);
+        p.record_application_poll(&obs("a", Status::Running), 5_000);
+        let due = p.next_due().expect("planned");
+        assert!(due > 5_000 && due <= 5_000 + 60_000, "{due}");
+        assert_eq!(p.take_due(due).as_deref(), Some("a"));
+    }
+}
