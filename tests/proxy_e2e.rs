@@ -486,3 +486,70 @@ async fn basic_auth_guards_metrics_but_not_the_proxy() {
     assert_eq!(basic.status, 401);
     exporter.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_changes_and_removes_proxied_providers() {
+    let sim = simulator();
+    let sim_addr = serve_simulator(&sim).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), sim_addr);
+    let enabled = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        enabled.replace("proxy: {enabled: true}", "proxy: {enabled: false}"),
+    )
+    .unwrap();
+    let exporter = Exporter::start_from_file(&path).await;
+    let http = client();
+    let body = json!({"model": "nano-banana", "input": {"prompt": "a dog"}});
+    let submit = || {
+        http.post(exporter.url("/proxy/maxapi/api/v1/task/submit"))
+            .bearer_auth(APP_KEY)
+            .json(&body)
+    };
+    assert_eq!(send(submit()).await.status, 404, "not proxied yet");
+
+    std::fs::write(&path, &enabled).unwrap();
+    exporter.app.reload().await.unwrap();
+    assert_eq!(send(submit()).await.status, 200);
+
+    // A smaller body limit takes effect at once.
+    std::fs::write(
+        &path,
+        enabled.replace(
+            "proxy: {enabled: true}",
+            "proxy: {enabled: true, max_request_body_bytes: 16}",
+        ),
+    )
+    .unwrap();
+    exporter.app.reload().await.unwrap();
+    assert_eq!(send(submit()).await.status, 413);
+
+    std::fs::write(
+        &path,
+        enabled.replace("proxy: {enabled: true}", "proxy: {enabled: false}"),
+    )
+    .unwrap();
+    exporter.app.reload().await.unwrap();
+    assert_eq!(send(submit()).await.status, 404, "no longer proxied");
+    let scrape = exporter.scrape().await;
+    assert_eq!(
+        scrape.get(
+            "genai_proxy_requests_total",
+            &[
+                ("provider", "maxapi"),
+                ("endpoint", "submit"),
+                ("code", "200")
+            ]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        scrape.get(
+            "genai_proxy_submit_rejections_total",
+            &[("provider", "maxapi"), ("reason", "body_too_large")]
+        ),
+        Some(1.0)
+    );
+    exporter.stop().await;
+}
