@@ -77,6 +77,10 @@ async fn serve_simulator(sim: &Simulator) -> SocketAddr {
 
 /// Both providers proxied; our own polls every 2 s (+-10 %) at first, growing to 4 s.
 fn write_config(dir: &Path, sim: SocketAddr) -> std::path::PathBuf {
+    write_config_with_state(dir, &dir.join("state"), sim)
+}
+
+fn write_config_with_state(dir: &Path, state: &Path, sim: SocketAddr) -> std::path::PathBuf {
     let key = dir.join("exporter.key");
     std::fs::write(&key, EXPORTER_KEY).unwrap();
     let key = key.display();
@@ -86,7 +90,7 @@ fn write_config(dir: &Path, sim: SocketAddr) -> std::path::PathBuf {
          providers:\n\
          \x20 - {{name: maxapi, type: maxapi, base_url: 'http://{sim}', token_file: {key}, proxy: {{enabled: true}}}}\n\
          \x20 - {{name: apimall, type: apimall, base_url: 'http://{sim}', token_file: {key}, proxy: {{enabled: true}}}}\n",
-        state = dir.join("state").display(),
+        state = state.display(),
     );
     let path = dir.join("config.yaml");
     std::fs::write(&path, yaml).unwrap();
@@ -550,6 +554,127 @@ async fn reload_adds_changes_and_removes_proxied_providers() {
             &[("provider", "maxapi"), ("reason", "body_too_large")]
         ),
         Some(1.0)
+    );
+    exporter.stop().await;
+}
+
+/// A tmpfs of `size` mounted on a new directory (the tests run as root); unmounted when
+/// dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mount -t tmpfs (the tests run as root)");
+        Tmpfs { dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Fills the filesystem of `dir` until a write fails with ENOSPC; returns the ballast.
+fn fill(dir: &Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let ballast = dir.join("ballast");
+    let mut file = std::fs::File::create(&ballast).unwrap();
+    let chunk = vec![0xA5u8; 64 * 1024];
+    while file.write(&chunk).is_ok_and(|n| n > 0) {}
+    while file.write(&[0]).is_ok_and(|n| n == 1) {}
+    let _ = file.sync_all();
+    ballast
+}
+
+/// The exporter's store cannot commit (a full disk): the application's answers stay the
+/// provider's, and what the proxy learnt meanwhile is counted once the disk has room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_the_exporter_changes_nothing_for_the_application() {
+    let sim = simulator();
+    let sim_addr = serve_simulator(&sim).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tmpfs = Tmpfs::mount("6m");
+    let state = tmpfs.dir.path().join("state");
+    let exporter =
+        Exporter::start_from_file(&write_config_with_state(dir.path(), &state, sim_addr)).await;
+    let proxy = format!("http://{}", exporter.addr);
+    let http = client();
+    let image = || json!({"model": "nano-banana", "prompt": "a cat"});
+
+    let mut tasks = Vec::new();
+    tasks.push(submit(&http, &proxy, "apimall", "/api/v1/images/generate", image()).await);
+    let ballast = fill(tmpfs.dir.path());
+    // Keep submitting and polling until the store is seen down, then a few more.
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut after_down = 0;
+    while after_down < 6 || tasks.iter().any(|t| !t.done) {
+        if after_down < 6 {
+            tasks.push(submit(&http, &proxy, "apimall", "/api/v1/images/generate", image()).await);
+        }
+        for task in tasks.iter_mut().filter(|t| !t.done) {
+            poll(&http, &proxy, task).await;
+        }
+        let down = exporter.scrape().await.get("genai_exporter_store_up", &[]) == Some(0.0);
+        if down {
+            after_down += 1;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store never went down on a full disk"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let finished = tasks[0].path.clone();
+    let direct = send(
+        http.get(format!("http://{sim_addr}{finished}"))
+            .bearer_auth(APP_KEY),
+    )
+    .await;
+    let proxied = send(
+        http.get(format!("{proxy}/proxy/apimall{finished}"))
+            .bearer_auth(APP_KEY),
+    )
+    .await;
+    // apimall stamps each answer with its own request id; the rest is the same.
+    let strip = |answer: &Answer| {
+        let mut json: Value = serde_json::from_slice(&answer.body).unwrap();
+        json["request_id"] = Value::Null;
+        (answer.status, json)
+    };
+    assert_eq!(strip(&proxied), strip(&direct));
+    assert_eq!(
+        exporter.scrape().await.get("genai_exporter_store_up", &[]),
+        Some(0.0),
+        "still down while the application was served"
+    );
+
+    std::fs::remove_file(ballast).unwrap();
+    let total = tasks.len() as f64;
+    let scrape = exporter
+        .wait_for(WAIT, |s| {
+            s.sum("genai_task_completions_total", &[]) == total
+                && s.get("genai_exporter_store_up", &[]) == Some(1.0)
+        })
+        .await;
+    let mismatches = compare_with_truth(&sim.truth(), &scrape);
+    assert!(mismatches.is_empty(), "{mismatches:?}");
+    assert_eq!(
+        scrape.get(
+            "genai_task_discovered_total",
+            &[("provider", "apimall"), ("source", "proxy")]
+        ),
+        Some(total)
     );
     exporter.stop().await;
 }
