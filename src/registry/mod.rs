@@ -75,15 +75,18 @@ pub enum Source {
     Api,
     Webhook,
     History,
+    /// A submit or get-task answer the application received through the proxy.
+    Proxy,
 }
 
 impl Source {
-    pub(crate) const ALL: [Source; 5] = [
+    pub const ALL: [Source; 6] = [
         Source::Static,
         Source::File,
         Source::Api,
         Source::Webhook,
         Source::History,
+        Source::Proxy,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -93,6 +96,7 @@ impl Source {
             Source::Api => "api",
             Source::Webhook => "webhook",
             Source::History => "history",
+            Source::Proxy => "proxy",
         }
     }
 }
@@ -347,6 +351,40 @@ impl ProviderTasks {
         } // else deleted while the request was in flight
     }
 
+    /// Tracks `id`, learnt from the application's traffic through the proxy, as
+    /// [`track`](Self::track) does with [`Source::Proxy`], but plans our first poll one
+    /// interval away instead of now: the application is expected to poll it, and its answers
+    /// postpone ours (see [`record_application_poll`](Self::record_application_poll)).
+    pub fn track_from_proxy(&self, id: &str, now: i64) -> TrackOutcome {
+        let mut inner = self.lock();
+        let outcome = inner.track(id, Source::Proxy, now);
+        if outcome == TrackOutcome::New
+            && let Some(slot) = inner.slot_of(id)
+        {
+            inner.task_mut(slot).next_poll = table::NEVER;
+            inner.plan_next_poll(slot, schedule::Next::Answered, now);
+        }
+        outcome
+    }
+
+    /// A get-task answer the application received through the proxy: applied like the
+    /// answer to one of our polls (same accounting), and our next poll is planned from it,
+    /// later as well as earlier, so a task the application keeps polling is not polled by
+    /// us while its answers keep coming. `None` when `obs.task_id` is not tracked; otherwise
+    /// whether this answer is the one that counted the task's terminal outcome.
+    pub fn record_application_poll(&self, obs: &Observation, now: i64) -> Option<bool> {
+        let mut inner = self.lock();
+        let slot = inner.slot_of(&obs.task_id)?;
+        let counted_before = inner.task(slot).has(table::COUNTED);
+        // Drop the planned poll; its heap entry goes stale and is skipped when it surfaces.
+        inner.task_mut(slot).next_poll = table::NEVER;
+        inner.record_poll(slot, Ok(obs), now);
+        let counted_now = inner
+            .slot_of(&obs.task_id)
+            .is_some_and(|slot| inner.task(slot).has(table::COUNTED));
+        Some(counted_now && !counted_before)
+    }
+
     /// Asks for one poll of `id` now (a callback arrived: confirm it).
     pub(crate) fn poll_soon(&self, id: &str, now: i64) {
         let mut inner = self.lock();
@@ -396,5 +434,75 @@ impl ProviderTasks {
     /// not a million lock round trips). Polling waits until the restorer is dropped.
     pub(crate) fn restorer(&self) -> Restorer<'_> {
         Restorer { inner: self.lock() }
+    }
+}
+
+#[cfg(test)]
+mod proxy_tests {
+    use super::test_support::{completed, obs, tasks};
+    use super::*;
+
+    /// Interval 10 s, +-10 % jitter: the first poll of a proxied task is 9-11 s away.
+    #[test]
+    fn a_task_from_the_proxy_is_first_polled_one_interval_later() {
+        let p = tasks();
+        assert_eq!(p.track_from_proxy("a", 1_000), TrackOutcome::New);
+        let due = p.next_due().expect("planned");
+        assert!((10_000..=12_000).contains(&due), "{due}");
+        assert_eq!(p.take_due(9_999), None);
+        assert_eq!(p.track_from_proxy("a", 2_000), TrackOutcome::Known);
+        let events = p.take_pending().events;
+        assert_eq!(
+            events,
+            [Event::Discovered {
+                source: Source::Proxy
+            }]
+        );
+    }
+
+    #[test]
+    fn application_answers_postpone_our_polls_and_count_once() {
+        let p = tasks();
+        p.track("a", Source::Static, 0);
+        assert_eq!(p.take_due(0).as_deref(), Some("a"));
+        p.record_poll("a", Ok(&obs("a", Status::Running)), 0);
+        let planned = p.next_due().expect("planned");
+        // The application polls every 2 s: our poll keeps moving away.
+        let mut now = 0;
+        for _ in 0..20 {
+            now += 2_000;
+            assert_eq!(p.take_due(now), None, "polled by us at {now}");
+            assert_eq!(
+                p.record_application_poll(&obs("a", Status::Running), now),
+                Some(false)
+            );
+            assert!(p.next_due().unwrap() > now);
+        }
+        assert!(now > planned);
+        assert_eq!(
+            p.record_application_poll(&obs("a", Status::Succeeded), now + 1),
+            Some(true)
+        );
+        assert_eq!(
+            p.record_application_poll(&obs("a", Status::Succeeded), now + 2),
+            Some(false),
+            "a replay counts nothing"
+        );
+        assert_eq!(p.next_due(), None, "a finished task is not polled");
+        assert_eq!(completed(&p.take_pending().events), 1);
+        assert_eq!(
+            p.record_application_poll(&obs("b", Status::Running), now),
+            None
+        );
+    }
+
+    #[test]
+    fn our_polls_resume_when_the_application_stops() {
+        let p = tasks();
+        p.track_from_proxy("a", 0);
+        p.record_application_poll(&obs("a", Status::Running), 5_000);
+        let due = p.next_due().expect("planned");
+        assert!(due > 5_000 && due <= 5_000 + 60_000, "{due}");
+        assert_eq!(p.take_due(due).as_deref(), Some("a"));
     }
 }

@@ -30,6 +30,9 @@ pub(super) fn router(sim: Simulator) -> Router {
     Router::new()
         .route("/api/v1/task/submit", post(maxapi_submit))
         .route("/api/v1/task/{task_id}", get(maxapi_task))
+        .route("/api/v1/images/generate", post(images_generate))
+        .route("/api/v1/videos/generate", post(videos_generate))
+        .route("/api/v1/audio/generate", post(audio_generate))
         .route("/api/v1/images/history", get(images_history))
         .route("/api/v1/videos/history", get(videos_history))
         .route("/api/v1/audio/history", get(audio_history))
@@ -375,6 +378,74 @@ async fn videos_task(s: State<Simulator>, id: Path<String>, h: HeaderMap) -> Res
 
 async fn audio_task(s: State<Simulator>, id: Path<String>, h: HeaderMap) -> Response {
     apimall_task(s, id, h, ModelKind::Audio).await
+}
+
+async fn images_generate(s: State<Simulator>, h: HeaderMap, body: Bytes) -> Response {
+    apimall_generate(s, h, body, ModelKind::Image).await
+}
+
+async fn videos_generate(s: State<Simulator>, h: HeaderMap, body: Bytes) -> Response {
+    apimall_generate(s, h, body, ModelKind::Video).await
+}
+
+async fn audio_generate(s: State<Simulator>, h: HeaderMap, body: Bytes) -> Response {
+    apimall_generate(s, h, body, ModelKind::Audio).await
+}
+
+/// `POST /api/v1/{kind}/generate` with `{"model": ..., ...}`: a configured model of that
+/// kind creates a task, charged at once (`credits_used`, `remaining_credits`); anything else
+/// is a 400 `invalid_request`.
+async fn apimall_generate(
+    State(sim): State<Simulator>,
+    headers: HeaderMap,
+    body: Bytes,
+    kind: ModelKind,
+) -> Response {
+    let p = SimProvider::Apimall;
+    let adm = match sim.admit(p, "submit", &headers) {
+        Ok(a) => a,
+        Err(resp) => return *resp,
+    };
+    sim.hold(p, &adm).await;
+    let model = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("model")?.as_str().map(str::to_string));
+    let known = model
+        .as_deref()
+        .and_then(|name| find_model(&sim.inner.cfg.apimall, name))
+        .is_some_and(|m| m.kind == kind);
+    let answer = match model {
+        Some(model) if known => {
+            if matches!(adm.fault, Some(Injected::Malformed { .. })) {
+                // A malformed answer must not create a task (faults never change state);
+                // `finish` replaces this body with the malformed one.
+                Answer::ok(b"{}".to_vec())
+            } else {
+                let mut st = sim.lock();
+                let id = st.create(
+                    &sim.inner.cfg,
+                    p,
+                    Some(&model),
+                    std::time::Duration::ZERO,
+                    None,
+                    None,
+                );
+                let ps = st.provider(p);
+                let remaining = ps.balance;
+                match ps.tasks.get(&*id) {
+                    Some(e) => Answer::ok(wire::apimall_created(
+                        &e.plan,
+                        remaining,
+                        adm.request_id.clone(),
+                    )),
+                    None => bad_request(&adm, "task could not be created"),
+                }
+            }
+        }
+        Some(_) => bad_request(&adm, "Invalid model for this endpoint"),
+        None => bad_request(&adm, "model is required"),
+    };
+    sim.finish(p, &adm, answer)
 }
 
 async fn images_history(s: State<Simulator>, q: RawQuery, h: HeaderMap) -> Response {

@@ -234,8 +234,8 @@ pub struct PollSummary {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskPolls {
     pub task_id: String,
-    pub(crate) provider: String,
-    pub(crate) polls: u64,
+    pub provider: String,
+    pub polls: u64,
     pub distinct_keys: u64,
     pub(crate) polls_after_terminal: u64,
 }

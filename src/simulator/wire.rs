@@ -465,6 +465,29 @@ pub(crate) fn apimall_history_body<'a>(
     })
 }
 
+/// The answer to `POST /api/v1/{kind}/generate`: the new task, charged at creation.
+pub(crate) fn apimall_created(plan: &Plan, remaining_credits: f64, request_id: String) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Created<'a> {
+        task_id: &'a str,
+        status: &'static str,
+        #[serde(serialize_with = "credits")]
+        credits_used: f64,
+        #[serde(serialize_with = "credits")]
+        remaining_credits: f64,
+    }
+    to_vec(&MallEnvelope {
+        success: true,
+        data: Created {
+            task_id: &plan.id,
+            status: "pending",
+            credits_used: plan.credits,
+            remaining_credits,
+        },
+        request_id,
+    })
+}
+
 pub(crate) fn apimall_balance_body(balance: f64, request_id: String) -> Vec<u8> {
     #[derive(Serialize)]
     struct Balances {
