@@ -197,14 +197,12 @@ impl Metrics {
 
     /// Records how long after a task's completion the exporter learned of it, and `via`
     /// what: `poll`, `history`, `webhook` or `proxy`.
-    #[allow(dead_code)] // recorded once detection paths report their delay
     pub(crate) fn observe_detection_delay(&self, provider: &str, via: &str, seconds: f64) {
         self.observe(Family::DetectionDelay, provider, &[via], seconds);
     }
 
     /// Counts one request the application sent through the proxy: the upstream's `code`
     /// and how long the upstream took.
-    #[allow(dead_code)] // recorded once the proxy is mounted in the exporter
     pub(crate) fn record_proxy_request(
         &self,
         provider: &str,
@@ -217,7 +215,6 @@ impl Metrics {
     }
 
     /// Counts one task submission the proxy refused to forward, by `reason`.
-    #[allow(dead_code)] // recorded once the proxy is mounted in the exporter
     pub(crate) fn count_proxy_rejection(&self, provider: &str, reason: &str) {
         self.count(Family::ProxySubmitRejections, provider, &[reason]);
     }

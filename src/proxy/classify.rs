@@ -23,15 +23,6 @@ pub enum ProxyEndpoint {
 }
 
 impl ProxyEndpoint {
-    #[allow(dead_code)] // used once the proxy is mounted in the exporter
-    pub(crate) const ALL: [ProxyEndpoint; 5] = [
-        ProxyEndpoint::Submit,
-        ProxyEndpoint::Task,
-        ProxyEndpoint::History,
-        ProxyEndpoint::Balance,
-        ProxyEndpoint::Other,
-    ];
-
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             ProxyEndpoint::Submit => "submit",

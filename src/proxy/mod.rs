@@ -227,11 +227,6 @@ impl ProviderProxy {
         })
     }
 
-    #[allow(dead_code)] // used once the proxy is mounted in the exporter
-    pub(crate) fn name(&self) -> &str {
-        &self.name
-    }
-
     fn refuse(&self, refusal: Refusal, detail: &'static str) -> Response {
         if let Some(suppressed) = self.refusals_log.open() {
             tracing::warn!(
@@ -646,7 +641,7 @@ mod tests {
         table.replace([make("b")]);
         assert!(served.get("a").is_none());
         assert_eq!(served.names(), ["b"]);
-        assert_eq!(held.name(), "a", "a request in flight keeps its proxy");
+        assert_eq!(held.name, "a", "a request in flight keeps its proxy");
         table.replace([]);
         assert!(served.is_empty());
     }

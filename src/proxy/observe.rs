@@ -78,15 +78,7 @@ pub enum RejectReason {
     Other,
 }
 
-#[allow(dead_code)] // `ALL` and `as_str` are used once the proxy is mounted in the exporter
 impl RejectReason {
-    pub(crate) const ALL: [RejectReason; 4] = [
-        RejectReason::ContentModeration,
-        RejectReason::InvalidParameters,
-        RejectReason::InsufficientCredits,
-        RejectReason::Other,
-    ];
-
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             RejectReason::ContentModeration => "content_moderation",
