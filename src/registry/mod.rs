@@ -156,6 +156,15 @@ pub enum TrackOutcome {
     Invalid,
 }
 
+/// What applying one observation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Applied {
+    /// Something the store keeps changed (status, credits, timestamps, texts).
+    pub changed: bool,
+    /// The task's terminal outcome was counted by this observation.
+    pub counted: bool,
+}
+
 /// Pending persistence work of one provider, taken by the persister.
 #[derive(Debug, Default)]
 pub struct Pending {
@@ -290,7 +299,16 @@ impl ProviderTasks {
 
     /// Applies new polling settings (reload). Schedules already set are kept.
     pub fn set_polling(&self, polling: &Polling) {
-        self.lock().policy = Policy::from(polling);
+        let mut inner = self.lock();
+        let expect_callbacks = inner.policy.expect_callbacks;
+        inner.policy = Policy::from(polling);
+        inner.policy.expect_callbacks = expect_callbacks;
+    }
+
+    /// Whether the provider tells outcomes itself (callbacks, a history walk): tasks are
+    /// then polled only when overdue. Applies to polls planned from now on.
+    pub fn set_expect_callbacks(&self, expect: bool) {
+        self.lock().policy.expect_callbacks = expect;
     }
 
     /// Starts tracking `id`, first poll now. See [`TrackOutcome`].
@@ -329,23 +347,34 @@ impl ProviderTasks {
         self.lock().take_due(now)
     }
 
-    /// Applies an observation (poll answer or callback) to a tracked task.
-    /// Returns false when the task is not tracked.
-    pub fn observe(&self, obs: &Observation, now: i64) -> bool {
+    /// Applies an observation nobody polled for (a callback, a history item) to a tracked
+    /// task, through the same exactly-once rules as a poll answer. `None` when the task is
+    /// not tracked.
+    pub fn observe(&self, obs: &Observation, now: i64) -> Option<Applied> {
         let mut inner = self.lock();
-        let Some(slot) = inner.slot_of(&obs.task_id) else {
-            return false;
-        };
-        inner.observe(slot, obs, now);
-        true
+        let slot = inner.slot_of(&obs.task_id)?;
+        Some(inner.observe_unasked(slot, obs, now))
     }
 
-    /// Records the answer to a poll taken with [`take_due`](Self::take_due).
-    pub fn record_poll(&self, id: &str, answer: Result<&Observation, &PollError>, now: i64) {
+    /// Records the answer to a poll taken with [`take_due`](Self::take_due). `None` when
+    /// the poll got no answer, or the task was deleted while the request was in flight.
+    pub fn record_poll(
+        &self,
+        id: &str,
+        answer: Result<&Observation, &PollError>,
+        now: i64,
+    ) -> Option<Applied> {
         let mut inner = self.lock();
-        if let Some(slot) = inner.slot_of(id) {
-            inner.record_poll(slot, answer, now);
-        } // else deleted while the request was in flight
+        let slot = inner.slot_of(id)?;
+        inner.record_poll(slot, answer, now)
+    }
+
+    /// Whether `id` is tracked and not finished.
+    pub fn is_in_flight(&self, id: &str) -> bool {
+        let inner = self.lock();
+        inner
+            .slot_of(id)
+            .is_some_and(|slot| !inner.task(slot).status.is_terminal())
     }
 
     /// Asks for one poll of `id` now (a callback arrived: confirm it).
