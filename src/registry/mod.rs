@@ -377,10 +377,16 @@ impl ProviderTasks {
             .is_some_and(|slot| !inner.task(slot).status.is_terminal())
     }
 
-    /// Asks for one poll of `id` now (a callback arrived: confirm it).
+    /// Asks for one poll of `id` now (a callback arrived: confirm it; a history item
+    /// failed: learn its reason). Nothing when a poll of the unfinished task is in flight:
+    /// its answer comes soon enough.
     pub fn poll_soon(&self, id: &str, now: i64) {
         let mut inner = self.lock();
         if let Some(slot) = inner.slot_of(id) {
+            let t = inner.task(slot);
+            if !t.status.is_terminal() && t.next_poll == table::NEVER {
+                return;
+            }
             inner.schedule_at(slot, now);
             drop(inner);
             self.wake.notify_one();
