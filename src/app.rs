@@ -370,6 +370,7 @@ impl App {
             ));
         }
         if let Some(history) = &p.history {
+            let remention = crate::registry::remention_interval(&p.polling);
             let (history, name, tasks, upstream, adapter, metrics) = (
                 history.clone(),
                 p.name.clone(),
@@ -383,6 +384,7 @@ impl App {
                 Box::new(move || {
                     Box::pin(discovery::poll_history(
                         history.clone(),
+                        remention,
                         name.clone(),
                         tasks.clone(),
                         upstream.clone(),

@@ -146,8 +146,13 @@ fn file_error(metrics: &Metrics, provider: &str, path: &std::path::Path, error: 
 /// polling them costs one request per task and poll. `max_pages` caps a walk; a walk that
 /// reaches it still wanting more is counted (`genai_exporter_history_truncated_total`) and
 /// logged, since discovery may then miss tasks.
+///
+/// Every `remention` one walk reads all `max_pages` pages however little changed: it mentions
+/// the ids of finished tasks deeper down, which keeps their tombstones alive (see
+/// `registry::remention_interval`), so a later deep walk never counts them again.
 pub async fn poll_history(
     history: HistorySettings,
+    remention: Duration,
     provider: String,
     tasks: Arc<ProviderTasks>,
     upstream: Arc<Upstream>,
@@ -163,9 +168,10 @@ pub async fn poll_history(
         tick.tick().await;
         for &kind in &history.kinds {
             let walk = walks.entry(kind).or_default();
+            let full = walk.last_full.is_none_or(|at| at.elapsed() >= remention);
             let outcome = walk
                 .run(
-                    kind, &history, &provider, &tasks, &upstream, &adapter, &metrics, clock,
+                    kind, full, &history, &provider, &tasks, &upstream, &adapter, &metrics, clock,
                 )
                 .await;
             let Some(outcome) = outcome else {
@@ -180,7 +186,7 @@ pub async fn poll_history(
                         provider,
                         kind = kind.as_str(),
                         max_pages = history.max_pages,
-                        "history walk reached max_pages with pages still changing: discovery may be missing tasks; raise discovery.history.max_pages or shorten its interval"
+                        "history walk reached max_pages with pages still changing: discovery may be missing tasks; raise providers[].history.max_pages or shorten its interval"
                     );
                 }
             }
@@ -213,14 +219,17 @@ struct WalkOutcome {
 #[derive(Debug, Default)]
 struct HistoryWalk {
     in_flight: HashSet<String>,
+    /// When the last walk that read every page began.
+    last_full: Option<Instant>,
 }
 
 impl HistoryWalk {
-    /// One walk; `None` when the provider has no history listing.
+    /// One walk, `full` or incremental; `None` when the provider has no history listing.
     #[allow(clippy::too_many_arguments)]
     async fn run(
         &mut self,
         kind: HistoryKind,
+        full: bool,
         history: &HistorySettings,
         provider: &str,
         tasks: &ProviderTasks,
@@ -233,6 +242,8 @@ impl HistoryWalk {
         self.in_flight.retain(|id| tasks.is_in_flight(id));
         let mut unseen = self.in_flight.clone();
         let mut outcome = WalkOutcome::default();
+        let started = Instant::now();
+        let mut wants_more = false;
         for page_number in 1..=history.max_pages {
             let path = adapter.history_path(kind, page_number, HISTORY_PAGE_LIMIT)?;
             let answer = upstream
@@ -261,11 +272,20 @@ impl HistoryWalk {
                     self.in_flight.remove(&item.task_id);
                 }
             }
-            if page.is_last || (!page_news && unseen.is_empty()) {
+            if page.is_last {
+                wants_more = false;
+                break;
+            }
+            wants_more = page_news || !unseen.is_empty();
+            if !wants_more && !full {
                 return Some(outcome);
             }
         }
-        outcome.truncated = true;
+        if full {
+            self.last_full = Some(started);
+        }
+        // Only a walk cut short with news still coming may be missing tasks.
+        outcome.truncated = wants_more;
         Some(outcome)
     }
 }

@@ -58,10 +58,10 @@ pub const MODEL_UNKNOWN: &str = "unknown";
 /// Model label for names past `max_models_per_provider`.
 pub const MODEL_OTHER: &str = "other";
 
-/// How often static ids and unchanged task files are mentioned again: three times per
-/// `forget_after`. An id stays remembered (a tombstone) for `forget_after` after the last time
-/// any source mentioned it; history pages mention their ids at every listing, and the
-/// exporter mentions static ids and task files itself at this pace. So an id that a source
+/// How often static ids, unchanged task files and every history page are mentioned again:
+/// three times per `forget_after`. An id stays remembered (a tombstone) for `forget_after`
+/// after the last time any source mentioned it; incremental history walks mention the first
+/// pages, and a full walk, static ids and task files the rest at this pace. So an id that a source
 /// keeps listing is never counted twice, and ids that no source mentions any more are
 /// forgotten: memory stays bounded.
 pub fn remention_interval(polling: &Polling) -> std::time::Duration {
