@@ -370,7 +370,6 @@ impl App {
             ));
         }
         if let Some(history) = &p.history {
-            let remention = crate::registry::remention_interval(&p.polling);
             let (history, name, tasks, upstream, adapter, metrics) = (
                 history.clone(),
                 p.name.clone(),
@@ -384,7 +383,6 @@ impl App {
                 Box::new(move || {
                     Box::pin(discovery::poll_history(
                         history.clone(),
-                        remention,
                         name.clone(),
                         tasks.clone(),
                         upstream.clone(),

@@ -147,12 +147,11 @@ fn file_error(metrics: &Metrics, provider: &str, path: &std::path::Path, error: 
 /// reaches it still wanting more is counted (`genai_exporter_history_truncated_total`) and
 /// logged, since discovery may then miss tasks.
 ///
-/// Every `remention` one walk reads all `max_pages` pages however little changed: it mentions
+/// Every re-mention period one walk reads all `max_pages` pages however little changed: it mentions
 /// the ids of finished tasks deeper down, which keeps their tombstones alive (see
 /// `registry::remention_interval`), so a later deep walk never counts them again.
 pub async fn poll_history(
     history: HistorySettings,
-    remention: Duration,
     provider: String,
     tasks: Arc<ProviderTasks>,
     upstream: Arc<Upstream>,
@@ -168,6 +167,7 @@ pub async fn poll_history(
         tick.tick().await;
         for &kind in &history.kinds {
             let walk = walks.entry(kind).or_default();
+            let remention = tasks.remention_interval();
             let full = walk.last_full.is_none_or(|at| at.elapsed() >= remention);
             let outcome = walk
                 .run(

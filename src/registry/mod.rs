@@ -369,6 +369,11 @@ impl ProviderTasks {
         inner.record_poll(slot, answer, now)
     }
 
+    /// How often sources mention their ids again (see [`remention_interval`]).
+    pub fn remention_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.lock().policy.remention_ms as u64)
+    }
+
     /// Whether `id` is tracked and not finished.
     pub fn is_in_flight(&self, id: &str) -> bool {
         let inner = self.lock();
