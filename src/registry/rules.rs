@@ -431,6 +431,32 @@ mod tests {
     }
 
     #[test]
+    fn with_callbacks_expected_a_task_is_polled_only_when_overdue() {
+        let p = tasks(); // max_interval 60 s
+        p.set_expect_callbacks(true);
+        p.track("a", Source::Api, 0);
+        assert_eq!(
+            p.next_due(),
+            Some(60_000),
+            "no poll on the regular schedule"
+        );
+        // Seen in flight (a history item): the safety poll moves to 60 s after it.
+        p.observe(&obs("a", Status::Running), 30_000);
+        assert_eq!(p.take_due(60_000), None);
+        assert_eq!(p.next_due(), Some(90_000));
+        let applied = p.observe(&obs("a", Status::Succeeded), 40_000);
+        assert_eq!(
+            applied,
+            Some(Applied {
+                changed: true,
+                counted: true
+            })
+        );
+        assert_eq!(p.take_due(1_000_000), None, "finished: never polled");
+        assert_eq!(completed(&p.take_pending().events), 1);
+    }
+
+    #[test]
     fn max_age_drops_when_due() {
         let p = tasks();
         p.track("old", Source::Api, 0);
