@@ -364,6 +364,8 @@ impl App {
         let adapter = adapter_for(p);
         let upstream = Arc::new(Upstream::new(p, self.http.clone(), self.metrics.clone()));
         let clock = self.clock;
+        // Callbacks and history walks tell outcomes: polls are then only a safety net.
+        tasks.set_expect_callbacks(p.webhook_token.is_some() || p.history.is_some());
         tasks.reschedule_unscheduled(clock.now_millis());
         discovery::track_static(&tasks, &p.tasks, clock);
 

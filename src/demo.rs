@@ -1,6 +1,7 @@
 //! `demo`: the simulated providers and the exporter in one process on loopback, wired the
 //! way a real deployment is: maxapi tasks are registered through the exporter's API (as a
-//! submitting client would) and reported by callbacks; apimall tasks are found through its
+//! submitting client would) and reported by callbacks (each confirmed by one get-task request,
+//! so the demo shows maxapi up within seconds, not after the first safety poll); apimall tasks are found through its
 //! history listing; apimall's balance is polled.
 
 use std::net::SocketAddr;
@@ -35,7 +36,7 @@ providers:
     type: maxapi
     base_url: http://{simulator}
     token_env: DEMO_MAXAPI_KEY
-    webhook: {{enabled: true, token_env: DEMO_WEBHOOK_TOKEN}}
+    webhook: {{enabled: true, token_env: DEMO_WEBHOOK_TOKEN, confirm: true}}
   - name: apimall
     type: apimall
     base_url: http://{simulator}

@@ -33,7 +33,7 @@ pub(crate) async fn run(
         let adapter = adapter.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let poll = poll_one(&tasks, reserved, &adapter, &id, clock);
+            let poll = poll_one(&tasks, reserved, &adapter, &metrics, &id, clock);
             if let Err(panic) = std::panic::AssertUnwindSafe(poll).catch_unwind().await {
                 background::report_panic(
                     Worker::Poller,
@@ -74,6 +74,7 @@ async fn poll_one(
     tasks: &ProviderTasks,
     reserved: Reserved,
     adapter: &Adapter,
+    metrics: &Metrics,
     id: &str,
     clock: Clock,
 ) {
@@ -87,7 +88,10 @@ async fn poll_one(
         Ok(mut obs) => {
             // Trust the id we asked for, not the one in the body.
             obs.task_id = id.to_string();
-            tasks.record_poll(id, Ok(&obs), now);
+            let applied = tasks.record_poll(id, Ok(&obs), now);
+            if applied.is_some_and(|a| a.counted) {
+                metrics.record_detection(tasks.name(), "poll", &obs, now);
+            }
         }
         Err(CallError::Transport(e)) => {
             let err = PollError {

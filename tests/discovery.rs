@@ -391,8 +391,9 @@ async fn webhooks_of_both_providers_are_applied_and_confirmed() {
         Some(2.0)
     );
 
-    // Each callback is confirmed by exactly one poll: canaries, polled again and again,
-    // show both pollers went round several times after the confirmations.
+    // apimall confirms each callback by exactly one poll (`webhook.confirm` defaults to true
+    // there), maxapi does not (false): its callback is the whole answer. Canaries, polled
+    // again and again, show both pollers went round several times after the callbacks.
     fake.script(
         "/api/v1/task/canary",
         vec![Reply::json(200, maxapi_envelope("canary", "PROCESSING"))],
@@ -412,8 +413,17 @@ async fn webhooks_of_both_providers_are_applied_and_confirmed() {
         .await;
     exporter.untrack("mx", "canary");
     exporter.untrack("am", "img_canary");
-    assert_eq!(fake.hits("/api/v1/task/w1").len(), 1);
+    assert_eq!(fake.hits("/api/v1/task/w1").len(), 0);
     assert_eq!(fake.hits("/api/v1/images/img_w2").len(), 1);
+    let m = exporter.scrape().await;
+    assert_eq!(
+        m.get(
+            "genai_task_detection_delay_seconds_count",
+            &[("provider", "mx"), ("via", "webhook")]
+        ),
+        Some(1.0),
+        "the callback told the outcome"
+    );
     // The repeat changes nothing.
     assert_eq!(
         post("mx", HOOK, maxapi_envelope("w1", "SUCCESS"))
@@ -521,7 +531,8 @@ fn history_page(from: usize, count: usize) -> Value {
     let items: Vec<Value> = (from..from + count)
         .map(|i| {
             json!({"task_id": format!("img_{i:04}"), "model": "nano-banana", "status": "completed",
-                        "created_at": now_rfc3339(60), "credits_used": 1, "credits_refunded": 0})
+                        "created_at": now_rfc3339(60), "completed_at": now_rfc3339(30),
+                        "credits_used": 1, "credits_refunded": 0})
         })
         .collect();
     json!({"success": true, "data": {"items": items, "page": 1, "limit": 50}, "request_id": "r"})
@@ -602,18 +613,23 @@ async fn history_pages_until_a_short_page_and_balance_is_read() {
     );
     assert_eq!(
         m.get("genai_task_credits_used_total", &[("provider", "am")]),
-        Some(428.0),
-        "4 credits x 107, from get-task answers"
+        Some(107.0),
+        "1 credit x 107, from the history items themselves"
     );
     assert!(
         fake.hits("/api/v1/images/history?page=4&limit=50")
             .is_empty(),
         "a short page is the last"
     );
-    // Listing again finds nothing new and counts nothing twice: a listing begun after
-    // this point was read whole.
-    let page_3 = "/api/v1/images/history?page=3&limit=50";
-    fake.wait_for_more_hits(page_3, 2, WAIT).await;
+    // Listing again finds nothing new and counts nothing twice. The walks are incremental:
+    // a first page with nothing new or changed ends them.
+    let page_1 = "/api/v1/images/history?page=1&limit=50";
+    fake.wait_for_more_hits(page_1, 2, WAIT).await;
+    assert_eq!(
+        fake.hits("/api/v1/images/history?page=2&limit=50").len(),
+        1,
+        "only the first walk went past page 1"
+    );
     let m = exporter.scrape().await;
     assert_eq!(
         m.get(
@@ -632,7 +648,24 @@ async fn history_pages_until_a_short_page_and_balance_is_read() {
             &[("provider", "am"), ("endpoint", "history"), ("code", "200")]
         )
         .unwrap()
-            >= 8.0
+            >= 6.0
+    );
+    // Completed history items cost no get-task request at all.
+    assert_eq!(
+        m.get(
+            "genai_upstream_requests_total",
+            &[("provider", "am"), ("endpoint", "task"), ("code", "200")]
+        ),
+        None
+    );
+    assert!((0..107).all(|i| fake.hits(&format!("/api/v1/images/img_{i:04}")).is_empty()));
+    assert_eq!(
+        m.get(
+            "genai_task_detection_delay_seconds_count",
+            &[("provider", "am"), ("via", "history")]
+        ),
+        Some(107.0),
+        "each outcome learnt from the listing, once"
     );
     assert!(
         m.get(

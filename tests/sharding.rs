@@ -144,7 +144,11 @@ async fn run(count: usize) {
         polls.summary.max_distinct_keys_per_task, 1,
         "a task was polled by two shards"
     );
-    assert_eq!(polls.summary.tasks_polled, 2 * TASKS);
+    // Every maxapi task is polled; apimall tasks are mostly learnt from the history listing
+    // itself (a finished item costs no get-task request), so only some of them are polled.
+    let maxapi = c.sim.polls(Some(SimProvider::Maxapi));
+    assert_eq!(maxapi.summary.tasks_polled, TASKS);
+    assert!(polls.summary.tasks_polled <= 2 * TASKS);
     let mismatches = compare_with_truth(&truth, &m);
     assert!(mismatches.is_empty(), "{mismatches:?}");
     // Each shard found only its own tasks; together, all of them, once.

@@ -54,6 +54,7 @@ const CONTRACT_METRICS = [
 const CONTRACT_HISTOGRAMS = [
   "genai_task_completion_latency_seconds",
   "genai_upstream_request_duration_seconds",
+  "genai_task_detection_delay_seconds",
 ];
 // The standard process collector.
 const PROCESS_METRICS = [

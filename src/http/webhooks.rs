@@ -1,7 +1,9 @@
 //! `POST /webhooks/{provider}?token=...`: provider callbacks.
 //!
-//! A callback is parsed completely before anything changes; a valid one is applied like a
-//! poll answer and then confirmed by one poll (callbacks carry no signature).
+//! A callback is parsed completely before anything changes; a valid one is applied at once,
+//! through the same exactly-once rules as a poll answer. With `webhook.confirm` it is then
+//! confirmed by one get-task request (callbacks carry no signature, only the token); without,
+//! the callback itself is the answer and costs no request.
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -30,11 +32,12 @@ pub(crate) async fn receive(
     let runtime = app.with_runtime(&provider, |rt| {
         (
             rt.settings.webhook_token.clone(),
+            rt.settings.webhook_confirm,
             rt.adapter.clone(),
             rt.tasks.clone(),
         )
     });
-    let Some((Some(token), adapter, tasks)) = runtime else {
+    let Some((Some(token), confirm, adapter, tasks)) = runtime else {
         let label = if runtime.is_some() {
             provider.as_str()
         } else {
@@ -83,8 +86,14 @@ pub(crate) async fn receive(
         }
         TrackOutcome::New | TrackOutcome::Known => {}
     }
-    tasks.observe(&observation, now);
-    tasks.poll_soon(&observation.task_id, now);
+    let applied = tasks.observe(&observation, now);
+    if applied.is_some_and(|a| a.counted) {
+        app.metrics
+            .record_detection(&provider, "webhook", &observation, now);
+    }
+    if confirm {
+        tasks.poll_soon(&observation.task_id, now);
+    }
     count(&provider, "accepted");
     if let Err(refusal) = durable(&app).await {
         return refusal;

@@ -157,6 +157,12 @@ families! {
         kind: Counter, storage: durable("discovery_errors"),
         labels: &["provider", "source"],
     },
+    HistoryTruncated => FamilyDef {
+        name: "genai_exporter_history_truncated_total",
+        help: "History walks stopped by max_pages while pages still held new, changed or in-flight tasks: discovery may be missing tasks.",
+        kind: Counter, storage: durable("history_truncated"),
+        labels: &["provider", "kind"],
+    },
     ProxyRequests => FamilyDef {
         name: "genai_proxy_requests_total",
         help: "Requests the application sent through the proxy, by endpoint and upstream answer.",

@@ -195,10 +195,31 @@ impl Metrics {
         self.count(Family::DiscoveryErrors, provider, &[source]);
     }
 
+    /// Counts one history walk of `kind` cut short by `max_pages`.
+    pub fn count_history_truncated(&self, provider: &str, kind: &str) {
+        self.count(Family::HistoryTruncated, provider, &[kind]);
+    }
+
     /// Records how long after a task's completion the exporter learned of it, and `via`
     /// what: `poll`, `history`, `webhook` or `proxy`.
     pub(crate) fn observe_detection_delay(&self, provider: &str, via: &str, seconds: f64) {
         self.observe(Family::DetectionDelay, provider, &[via], seconds);
+    }
+
+    /// Records the detection delay of `obs`, an answer that just counted a task's outcome:
+    /// from its completion timestamp (`completed_at`, else `updated_at`) to `now` (Unix ms).
+    /// Nothing when the provider gave no timestamp; a clock ahead of ours counts as 0.
+    pub(crate) fn record_detection(
+        &self,
+        provider: &str,
+        via: &str,
+        obs: &crate::task::Observation,
+        now: i64,
+    ) {
+        if let Some(done) = obs.completed_at.or(obs.updated_at) {
+            let seconds = (now - done).max(0) as f64 / 1000.0;
+            self.observe_detection_delay(provider, via, seconds);
+        }
     }
 
     /// Counts one request the application sent through the proxy: the upstream's `code`

@@ -57,10 +57,10 @@ pub(crate) const MODEL_UNKNOWN: &str = "unknown";
 /// Model label for names past `max_models_per_provider`.
 pub(crate) const MODEL_OTHER: &str = "other";
 
-/// How often static ids and unchanged task files are mentioned again: three times per
-/// `forget_after`. An id stays remembered (a tombstone) for `forget_after` after the last time
-/// any source mentioned it; history pages mention their ids at every listing, and the
-/// exporter mentions static ids and task files itself at this pace. So an id that a source
+/// How often static ids, unchanged task files and every history page are mentioned again:
+/// three times per `forget_after`. An id stays remembered (a tombstone) for `forget_after`
+/// after the last time any source mentioned it; incremental history walks mention the first
+/// pages, and a full walk, static ids and task files the rest at this pace. So an id that a source
 /// keeps listing is never counted twice, and ids that no source mentions any more are
 /// forgotten: memory stays bounded.
 pub(crate) fn remention_interval(polling: &Polling) -> std::time::Duration {
@@ -157,6 +157,15 @@ pub enum TrackOutcome {
     NotOwned,
     /// Not a plausible task id.
     Invalid,
+}
+
+/// What applying one observation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Applied {
+    /// Something the store keeps changed (status, credits, timestamps, texts).
+    pub changed: bool,
+    /// The task's terminal outcome was counted by this observation.
+    pub counted: bool,
 }
 
 /// Pending persistence work of one provider, taken by the persister.
@@ -293,7 +302,16 @@ impl ProviderTasks {
 
     /// Applies new polling settings (reload). Schedules already set are kept.
     pub(crate) fn set_polling(&self, polling: &Polling) {
-        self.lock().policy = Policy::from(polling);
+        let mut inner = self.lock();
+        let expect_callbacks = inner.policy.expect_callbacks;
+        inner.policy = Policy::from(polling);
+        inner.policy.expect_callbacks = expect_callbacks;
+    }
+
+    /// Whether the provider tells outcomes itself (callbacks, a history walk): tasks are
+    /// then polled only when overdue. Applies to polls planned from now on.
+    pub(crate) fn set_expect_callbacks(&self, expect: bool) {
+        self.lock().policy.expect_callbacks = expect;
     }
 
     /// Starts tracking `id`, first poll now. See [`TrackOutcome`].
@@ -332,23 +350,26 @@ impl ProviderTasks {
         self.lock().take_due(now)
     }
 
-    /// Applies an observation (poll answer or callback) to a tracked task.
-    /// Returns false when the task is not tracked.
-    pub fn observe(&self, obs: &Observation, now: i64) -> bool {
+    /// Applies an observation nobody polled for (a callback, a history item) to a tracked
+    /// task, through the same exactly-once rules as a poll answer. `None` when the task is
+    /// not tracked.
+    pub fn observe(&self, obs: &Observation, now: i64) -> Option<Applied> {
         let mut inner = self.lock();
-        let Some(slot) = inner.slot_of(&obs.task_id) else {
-            return false;
-        };
-        inner.observe(slot, obs, now);
-        true
+        let slot = inner.slot_of(&obs.task_id)?;
+        Some(inner.observe_unasked(slot, obs, now))
     }
 
-    /// Records the answer to a poll taken with [`take_due`](Self::take_due).
-    pub fn record_poll(&self, id: &str, answer: Result<&Observation, &PollError>, now: i64) {
+    /// Records the answer to a poll taken with [`take_due`](Self::take_due). `None` when
+    /// the poll got no answer, or the task was deleted while the request was in flight.
+    pub fn record_poll(
+        &self,
+        id: &str,
+        answer: Result<&Observation, &PollError>,
+        now: i64,
+    ) -> Option<Applied> {
         let mut inner = self.lock();
-        if let Some(slot) = inner.slot_of(id) {
-            inner.record_poll(slot, answer, now);
-        } // else deleted while the request was in flight
+        let slot = inner.slot_of(id)?;
+        inner.record_poll(slot, answer, now)
     }
 
     /// Tracks `id`, learnt from the application's traffic through the proxy, as
@@ -385,10 +406,29 @@ impl ProviderTasks {
         Some(counted_now && !counted_before)
     }
 
-    /// Asks for one poll of `id` now (a callback arrived: confirm it).
-    pub(crate) fn poll_soon(&self, id: &str, now: i64) {
+    /// How often sources mention their ids again (see [`remention_interval`]).
+    pub fn remention_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.lock().policy.remention_ms as u64)
+    }
+
+    /// Whether `id` is tracked and not finished.
+    pub fn is_in_flight(&self, id: &str) -> bool {
+        let inner = self.lock();
+        inner
+            .slot_of(id)
+            .is_some_and(|slot| !inner.task(slot).status.is_terminal())
+    }
+
+    /// Asks for one poll of `id` now (a callback arrived: confirm it; a history item
+    /// failed: learn its reason). Nothing when a poll of the unfinished task is in flight:
+    /// its answer comes soon enough.
+    pub fn poll_soon(&self, id: &str, now: i64) {
         let mut inner = self.lock();
         if let Some(slot) = inner.slot_of(id) {
+            let t = inner.task(slot);
+            if !t.status.is_terminal() && t.next_poll == table::NEVER {
+                return;
+            }
             inner.schedule_at(slot, now);
             drop(inner);
             self.wake.notify_one();

@@ -17,9 +17,9 @@ use std::cmp::Reverse;
 use std::hash::BuildHasher;
 
 use super::compact::{TaskId, UUID_LEN};
-use super::schedule::Next;
+use super::schedule::{Due, Next};
 use super::table::{COUNTED, Inner, NEVER, id_hash};
-use super::{DropReason, Event, PollError, Source, TrackOutcome};
+use super::{Applied, DropReason, Event, PollError, Source, TrackOutcome};
 use crate::config::is_valid_task_id;
 use crate::providers::FailureClass;
 use crate::store;
@@ -63,11 +63,34 @@ impl Inner {
         TrackOutcome::New
     }
 
-    /// A callback (or any answer not taken from the schedule).
+    /// An answer: applied, then the next poll planned (unless one is planned earlier).
     #[inline]
-    pub(super) fn observe(&mut self, slot: u32, obs: &Observation, now: i64) {
-        self.apply(slot, obs, now);
+    pub(super) fn observe(&mut self, slot: u32, obs: &Observation, now: i64) -> Applied {
+        let applied = self.apply(slot, obs, now);
         self.plan_next_poll(slot, Next::Answered, now);
+        applied
+    }
+
+    /// A callback or a history item: an answer nobody asked for. When the provider is
+    /// expected to tell outcomes itself, seeing the task still in flight pushes its safety
+    /// poll back: it is overdue only `max_interval` after the last sighting.
+    pub(super) fn observe_unasked(&mut self, slot: u32, obs: &Observation, now: i64) -> Applied {
+        let planned = self.task(slot).next_poll;
+        // NEVER: a poll of it is in flight (or it is finished); that poll plans the next one.
+        if !self.policy.expect_callbacks || planned == NEVER {
+            return self.observe(slot, obs, now);
+        }
+        let applied = self.apply(slot, obs, now);
+        let t = self.task(slot);
+        if !t.status.is_terminal() {
+            let due = self.policy.next_poll(t, Next::Answered, now).max(0);
+            if due != planned {
+                // The old heap entry goes stale (it no longer matches `next_poll`).
+                self.task_mut(slot).next_poll = due;
+                self.schedule.push(Reverse(Due::new(due, slot)));
+            }
+        }
+        applied
     }
 
     /// The answer to a poll taken with `take_due`.
@@ -77,7 +100,7 @@ impl Inner {
         slot: u32,
         answer: Result<&Observation, &PollError>,
         now: i64,
-    ) {
+    ) -> Option<Applied> {
         let t = self.task_mut(slot);
         t.last_polled = now;
         t.polls = t.polls.saturating_add(1);
@@ -88,9 +111,12 @@ impl Inner {
                 t.not_found = 0;
                 t.set_not_found_since(0);
                 t.set_last_error(None);
-                self.observe(slot, obs, now);
+                Some(self.observe(slot, obs, now))
             }
-            Err(err) => self.record_failure(slot, err, now),
+            Err(err) => {
+                self.record_failure(slot, err, now);
+                None
+            }
         }
     }
 
@@ -120,7 +146,7 @@ impl Inner {
     }
 
     /// The accounting rule. Terminal status: counted once. Credits: each increase once.
-    fn apply(&mut self, slot: u32, obs: &Observation, now: i64) {
+    fn apply(&mut self, slot: u32, obs: &Observation, now: i64) -> Applied {
         let (current_status, current_model, old_key, before) = {
             let t = self.task(slot);
             (t.status, t.model, t.in_flight_key(), t.record_state())
@@ -186,7 +212,8 @@ impl Inner {
             });
         }
 
-        if status.is_terminal() && !self.task(slot).has(COUNTED) {
+        let counted = status.is_terminal() && !self.task(slot).has(COUNTED);
+        if counted {
             let reason = match status {
                 Status::Succeeded => None,
                 Status::TimedOut => Some(obs.failure_reason.unwrap_or(FailureReason::Timeout)),
@@ -207,11 +234,13 @@ impl Inner {
                 latency_seconds,
             });
         }
-        if text_changed || self.task(slot).record_state() != before {
+        let changed = text_changed || self.task(slot).record_state() != before;
+        if changed {
             self.mark_dirty(slot);
         } else {
             self.mark_lazy(slot);
         }
+        Applied { changed, counted }
     }
 
     /// Finished tasks stay visible for `retention`, then go (see `sweep`).
@@ -399,6 +428,32 @@ mod tests {
         assert!(events.contains(&Event::Dropped {
             reason: DropReason::NotFound
         }));
+    }
+
+    #[test]
+    fn with_callbacks_expected_a_task_is_polled_only_when_overdue() {
+        let p = tasks(); // max_interval 60 s
+        p.set_expect_callbacks(true);
+        p.track("a", Source::Api, 0);
+        assert_eq!(
+            p.next_due(),
+            Some(60_000),
+            "no poll on the regular schedule"
+        );
+        // Seen in flight (a history item): the safety poll moves to 60 s after it.
+        p.observe(&obs("a", Status::Running), 30_000);
+        assert_eq!(p.take_due(60_000), None);
+        assert_eq!(p.next_due(), Some(90_000));
+        let applied = p.observe(&obs("a", Status::Succeeded), 40_000);
+        assert_eq!(
+            applied,
+            Some(Applied {
+                changed: true,
+                counted: true
+            })
+        );
+        assert_eq!(p.take_due(1_000_000), None, "finished: never polled");
+        assert_eq!(completed(&p.take_pending().events), 1);
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub(super) struct Policy {
     /// Re-mentions come every `remention_ms`; a tombstone lives `tombstone_ttl_ms` after one.
     pub(super) remention_ms: i64,
     pub(super) tombstone_ttl_ms: i64,
+    /// The provider tells outcomes itself (callbacks, a history walk): a task is polled only
+    /// once it is overdue, a safety net for a lost callback, not on the regular schedule.
+    pub(super) expect_callbacks: bool,
 }
 
 /// Why a task's next poll is being planned.
@@ -46,6 +49,7 @@ impl Policy {
             retention_ms: p.retention.as_millis() as i64,
             remention_ms: remention_interval(p).as_millis() as i64,
             tombstone_ttl_ms: p.forget_after.as_millis() as i64,
+            expect_callbacks: false,
         }
     }
 
@@ -54,6 +58,10 @@ impl Policy {
     #[inline]
     pub(super) fn next_poll(&self, task: &Task, next: Next, now: i64) -> i64 {
         match next {
+            // Overdue: no answer for `max_interval`.
+            Next::Discovered | Next::Answered if self.expect_callbacks => {
+                now + self.max_interval_ms
+            }
             Next::Discovered => now,
             // Spread the restart's first polls over one interval instead of a burst.
             Next::Restored => now + (fastrand::f64() * self.interval_ms as f64) as i64,
