@@ -263,8 +263,9 @@ async fn apimall_credits_and_refunds_are_counted_once() {
     exporter
         .wait_for(WAIT, |m| m.sum("genai_task_completions_total", &[]) >= 3.0)
         .await;
-    // Terminal tasks are not polled again: a canary polled three more times shows the
-    // poller went round while they would have been due.
+    // Terminal tasks are not polled again (img_half, failed with credits not all refunded,
+    // only for late refunds, and its same answer adds nothing): a canary polled three more
+    // times shows the poller went round while they would have been due.
     fake.script(
         "/api/v1/images/img_canary",
         vec![Reply::json(
