@@ -325,7 +325,9 @@ async fn apimall_credits_and_refunds_are_counted_once() {
         2,
         "not polled after completion"
     );
-    assert_eq!(fake.hits("/api/v1/images/img_half").len(), 1);
+    // Failed with credits not all refunded: checked for a late refund, at most three times.
+    let half = fake.hits("/api/v1/images/img_half").len();
+    assert!((1..=4).contains(&half), "img_half polled {half} times");
     assert!(
         fake.authorizations()
             .iter()
