@@ -147,7 +147,7 @@ families! {
     },
     ImplausibleValues => FamilyDef {
         name: "genai_upstream_implausible_values_total",
-        help: "Answer values no real task can have (created_at in the future or before 2023, credits not a number, negative or above 1e9), by field; refused, counted once per task and field.",
+        help: "Answer values no real task can have (created_at in the future or over a year old, credits not a number, negative or above 1e9), by field; refused, counted once per task and field.",
         kind: Counter, storage: durable("implausible_values"),
         labels: &["provider", "field"],
     },

@@ -10,7 +10,7 @@
 //! - A task is dropped after three "not found" answers over a minute, past `max_task_age`,
 //!   or on request; each drop is counted with its reason.
 //! - Implausible values are refused and counted once per task and field: a `created_at`
-//!   before 2023 or more than five minutes ahead of our clock is ignored (age counts from
+//!   more than a year old or more than five minutes ahead of our clock is ignored (age counts from
 //!   first sight, no latency is observed); credits the adapter refused never reach a total.
 //! - A task that failed with credits charged and not all refunded is polled again 2, 8 and
 //!   40 polling intervals after it finished (while retained), so a late refund is counted.
@@ -38,8 +38,9 @@ const NOT_FOUND_LIMIT: u16 = 3;
 const NOT_FOUND_MIN_SPAN_MS: i64 = 60_000;
 /// Tombstones are judged at most this often (a full pass over them).
 const TOMBSTONE_SWEEP_MS: i64 = 60_000;
-/// A `created_at` before 2023-01-01T00:00:00Z is implausible: neither API existed.
-const EARLIEST_CREATED_AT_MS: i64 = 1_672_531_200_000;
+/// A `created_at` more than this before our clock is implausible (`1970-…`, `0001-…`): no
+/// generation task runs for a year.
+const CREATED_AT_MAX_AGE_MS: i64 = 365 * 24 * 3600 * 1000;
 /// A `created_at` further ahead of our clock than this is implausible (clock skew aside).
 const CREATED_AT_FUTURE_SLACK_MS: i64 = 5 * 60_000;
 /// When a failed task with credits not all refunded is polled again, in polling intervals
@@ -49,7 +50,8 @@ const CREATED_AT_FUTURE_SLACK_MS: i64 = 5 * 60_000;
 pub(super) const LATE_REFUND_CHECKS: [i64; 3] = [2, 8, 40];
 
 fn plausible_created_at(created_at: i64, now: i64) -> bool {
-    (EARLIEST_CREATED_AT_MS..=now.saturating_add(CREATED_AT_FUTURE_SLACK_MS)).contains(&created_at)
+    let earliest = now.saturating_sub(CREATED_AT_MAX_AGE_MS);
+    (earliest..=now.saturating_add(CREATED_AT_FUTURE_SLACK_MS)).contains(&created_at)
 }
 
 impl Inner {
