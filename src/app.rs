@@ -210,6 +210,10 @@ impl App {
             .iter()
             .map(|p| app.registry.provider_or_insert(&p.name, &p.polling))
             .collect();
+        let counted_models: Vec<Vec<String>> = providers
+            .iter()
+            .map(|tasks| app.metrics.counted_models(tasks.name()))
+            .collect();
         let store_for_restore = app.store.clone();
         let restored = tokio::task::spawn_blocking(move || {
             // With one provider, every stored task is its own: size the registry once.
@@ -218,7 +222,8 @@ impl App {
                 tasks.restorer().reserve(rows as usize);
             }
             let mut restored = 0;
-            for tasks in &providers {
+            for (tasks, models) in providers.iter().zip(&counted_models) {
+                tasks.restorer().models(models);
                 restored += restore_provider(&store_for_restore, tasks)?;
             }
             Ok::<_, StoreError>(restored)
@@ -515,11 +520,18 @@ impl App {
             return Ok(()); // demo: built-in configuration, nothing to re-read
         };
         let overrides = self.overrides.clone();
+        let file = path.display().to_string();
         let loaded = tokio::task::spawn_blocking(move || {
             config::load(&path, &overrides, &config::ProcessEnv)
         })
         .await
-        .expect("config loading does not panic");
+        .unwrap_or_else(|_panicked| {
+            // A bug, not a bad file: the running configuration is kept all the same.
+            Err(ConfigError::Parse {
+                file,
+                message: "loading the configuration panicked".into(),
+            })
+        });
         match loaded {
             Ok(mut settings) => {
                 let current = self.settings();

@@ -106,21 +106,36 @@ pub(crate) async fn watch_task_files(
             }
             match tokio::fs::read(&path).await {
                 Ok(bytes) => {
-                    let text = String::from_utf8_lossy(&bytes);
+                    seen.insert(path.clone(), stamp);
+                    // A binary file's printable runs would pass for ids and be polled
+                    // upstream with the provider's key: such a file is refused whole.
+                    let text = match std::str::from_utf8(&bytes) {
+                        Ok(text) if !text.contains('\0') => text,
+                        _ => {
+                            let error =
+                                "not a text file (NUL bytes or invalid UTF-8): nothing tracked";
+                            file_error(&metrics, &settings.name, &path, error);
+                            continue;
+                        }
+                    };
                     let now = clock.now_millis();
                     let mut new = 0;
                     let mut invalid = 0;
-                    for id in parse_task_file(&text) {
+                    for id in parse_task_file(text) {
                         match tasks.track(id, Source::File, now) {
                             TrackOutcome::New => new += 1,
                             TrackOutcome::Invalid => invalid += 1,
                             _ => {}
                         }
                     }
-                    if new > 0 || invalid > 0 {
-                        tracing::info!(provider = %settings.name, file = %path.display(), new, invalid, "task file read");
+                    if invalid > 0 {
+                        // One count per read: the lines themselves are not logged (they
+                        // may hold anything).
+                        tracing::warn!(provider = %settings.name, file = %path.display(), new, invalid, "task file lines that are not task ids were skipped");
+                        metrics.count_discovery_error(&settings.name, "file");
+                    } else if new > 0 {
+                        tracing::info!(provider = %settings.name, file = %path.display(), new, "task file read");
                     }
-                    seen.insert(path, stamp);
                 }
                 Err(e) => file_error(&metrics, &settings.name, &path, &e.to_string()),
             }

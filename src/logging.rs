@@ -1,6 +1,8 @@
 //! Logging set-up: `--log.level` and `--log.format logfmt|json`, like other exporters.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -8,6 +10,51 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
+
+/// A [`LogGate`] lets one line through per this many seconds.
+const LOG_GATE_INTERVAL_SECS: u64 = 10;
+
+/// Logs a kind of fault at most once per [`LOG_GATE_INTERVAL_SECS`], with the number of the
+/// same faults left unlogged since: for faults whose frequency a client (or an attacker)
+/// controls. Their metric still counts every one.
+#[derive(Debug, Default)]
+pub(crate) struct LogGate {
+    next_second: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogGate {
+    pub(crate) const fn new() -> LogGate {
+        LogGate {
+            next_second: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(suppressed count)` when a line may be logged now.
+    pub(crate) fn open(&self) -> Option<u64> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let next = self.next_second.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next_second
+                .compare_exchange(
+                    next,
+                    now + LOG_GATE_INTERVAL_SECS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            Some(self.suppressed.swap(0, Ordering::Relaxed))
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Level {
@@ -133,7 +180,17 @@ fn quote(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::quote;
+    use super::*;
+
+    #[test]
+    fn log_gate_lets_one_line_through_per_interval() {
+        let gate = LogGate::new();
+        assert_eq!(gate.open(), Some(0));
+        assert_eq!(gate.open(), None);
+        assert_eq!(gate.open(), None);
+        gate.next_second.store(0, Ordering::Relaxed);
+        assert_eq!(gate.open(), Some(2));
+    }
 
     #[test]
     fn logfmt_values_are_quoted_when_needed() {

@@ -168,6 +168,21 @@ pub struct Observation {
     pub created_at: Option<UnixMillis>,
     pub updated_at: Option<UnixMillis>,
     pub completed_at: Option<UnixMillis>,
+    /// Credit values the answer carried but no real task can have (see
+    /// [`MAX_TASK_CREDITS`]): left absent above, and counted as implausible values.
+    pub refused_credits: RefusedCredits,
+}
+
+/// Credit amounts above this, for one task, are refused: no generation costs a billion
+/// credits, and a value like `1e308` would otherwise stay in a counter for ever.
+pub const MAX_TASK_CREDITS: f64 = 1e9;
+
+/// Which credit fields of an answer were refused (negative, not finite, not a number, or
+/// above [`MAX_TASK_CREDITS`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RefusedCredits {
+    pub used: bool,
+    pub refunded: bool,
 }
 
 impl Observation {
@@ -185,6 +200,7 @@ impl Observation {
             created_at: None,
             updated_at: None,
             completed_at: None,
+            refused_credits: RefusedCredits::default(),
         }
     }
 

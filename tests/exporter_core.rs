@@ -263,8 +263,9 @@ async fn apimall_credits_and_refunds_are_counted_once() {
     exporter
         .wait_for(WAIT, |m| m.sum("genai_task_completions_total", &[]) >= 3.0)
         .await;
-    // Terminal tasks are not polled again: a canary polled three more times shows the
-    // poller went round while they would have been due.
+    // Terminal tasks are not polled again (img_half, failed with credits not all refunded,
+    // only for late refunds, and its same answer adds nothing): a canary polled three more
+    // times shows the poller went round while they would have been due.
     fake.script(
         "/api/v1/images/img_canary",
         vec![Reply::json(
@@ -324,7 +325,9 @@ async fn apimall_credits_and_refunds_are_counted_once() {
         2,
         "not polled after completion"
     );
-    assert_eq!(fake.hits("/api/v1/images/img_half").len(), 1);
+    // Failed with credits not all refunded: checked for a late refund, at most three times.
+    let half = fake.hits("/api/v1/images/img_half").len();
+    assert!((1..=4).contains(&half), "img_half polled {half} times");
     assert!(
         fake.authorizations()
             .iter()

@@ -8,7 +8,7 @@ use genai_task_exporter::providers::maxapi::Maxapi;
 use genai_task_exporter::providers::{
     Adapter, Balance, FailureClass, FailureRules, HistoryKind, UpstreamFailure,
 };
-use genai_task_exporter::task::{MAX_TEXT_LEN, Observation, Status};
+use genai_task_exporter::task::{MAX_TEXT_LEN, Observation, RefusedCredits, Status};
 use proptest::prelude::*;
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -41,6 +41,7 @@ fn maxapi_query_observation() -> Observation {
         created_at: Some(1_770_760_486_686),
         updated_at: Some(1_770_760_504_039),
         completed_at: None,
+        refused_credits: RefusedCredits::default(),
     }
 }
 
@@ -114,6 +115,7 @@ fn apimall_image_observation() -> Observation {
         created_at: Some(1_773_307_800_000),
         updated_at: Some(1_773_307_866_000),
         completed_at: Some(1_773_307_866_000),
+        refused_credits: RefusedCredits::default(),
     }
 }
 
@@ -175,6 +177,7 @@ fn history_observation(task_id: &str) -> Observation {
         created_at: Some(1_773_307_800_000),
         updated_at: None,
         completed_at: Some(1_773_307_866_000),
+        refused_credits: RefusedCredits::default(),
     }
 }
 

@@ -13,8 +13,12 @@ use serde::Deserialize;
 
 use super::AppState;
 use super::api::durable;
+use crate::logging::LogGate;
 use crate::registry::{Source, TrackOutcome};
 use crate::task::now_millis;
+
+/// Wrong tokens come as often as a client likes: one log line per interval, every one counted.
+static UNAUTHORIZED_LOG: LogGate = LogGate::new();
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct WebhookQuery {
@@ -48,7 +52,13 @@ pub(crate) async fn receive(
     };
     if !token.matches(query.token.as_deref().unwrap_or("")) {
         count(&provider, "unauthorized");
-        tracing::warn!(provider, "webhook with a missing or wrong token");
+        if let Some(suppressed) = UNAUTHORIZED_LOG.open() {
+            tracing::warn!(
+                provider,
+                suppressed,
+                "webhook with a missing or wrong token"
+            );
+        }
         return (StatusCode::UNAUTHORIZED, "missing or wrong token\n").into_response();
     }
     let body = match body {

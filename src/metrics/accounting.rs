@@ -11,6 +11,7 @@ use prometheus::proto::{self, MetricFamily, MetricType};
 
 use super::families::{Buckets, Family, Kind};
 use super::render::{counter_metric, family_of, histogram_metric, label};
+use crate::background::lock;
 use crate::registry::Event;
 
 /// One series: provider, then the family's other label values.
@@ -171,13 +172,7 @@ impl Accounting {
             *value += amount;
             return;
         }
-        let base = self
-            .counters
-            .lock()
-            .expect("accounting lock")
-            .get(&key)
-            .copied()
-            .unwrap_or(0.0);
+        let base = lock(&self.counters).get(&key).copied().unwrap_or(0.0);
         staged.counters.insert(key, base + amount);
     }
 
@@ -188,13 +183,7 @@ impl Accounting {
         key: SeriesKey,
     ) -> &'a mut HistogramState {
         let buckets = self.buckets(key.family).len();
-        let published = || {
-            self.histograms
-                .lock()
-                .expect("accounting lock")
-                .get(&key)
-                .cloned()
-        };
+        let published = || lock(&self.histograms).get(&key).cloned();
         if !staged.histograms.contains_key(&key) {
             let base = published().unwrap_or_else(|| HistogramState::new(buckets));
             staged.histograms.insert(key.clone(), base);
@@ -212,6 +201,10 @@ impl Accounting {
                 }
                 Event::Dropped { reason } => {
                     self.stage_counter(staged, one(Family::Dropped, &[reason.as_str()]), 1.0)
+                }
+                Event::Implausible { field } => {
+                    let key = one(Family::ImplausibleValues, &[field.as_str()]);
+                    self.stage_counter(staged, key, 1.0)
                 }
                 Event::CreditsUsed { model, amount } => {
                     self.stage_counter(staged, one(Family::CreditsUsed, &[model]), *amount)
@@ -266,14 +259,8 @@ impl Accounting {
 
     /// Makes staged values visible (after they were committed).
     pub fn publish(&self, staged: Staged) {
-        self.counters
-            .lock()
-            .expect("accounting lock")
-            .extend(staged.counters);
-        self.histograms
-            .lock()
-            .expect("accounting lock")
-            .extend(staged.histograms);
+        lock(&self.counters).extend(staged.counters);
+        lock(&self.histograms).extend(staged.histograms);
     }
 
     /// Restores one saved row (start-up). Unknown or corrupt rows are skipped.
@@ -300,13 +287,13 @@ impl Accounting {
                 };
                 let value = f64::from_le_bytes(bytes);
                 if value.is_finite() && value >= 0.0 {
-                    let mut counters = self.counters.lock().expect("accounting lock");
+                    let mut counters = lock(&self.counters);
                     counters.insert(series, value);
                 }
             }
             Kind::Histogram(_) => match HistogramState::decode(value, self.buckets(family)) {
                 Some(hist) => {
-                    let mut histograms = self.histograms.lock().expect("accounting lock");
+                    let mut histograms = lock(&self.histograms);
                     histograms.insert(series, hist);
                 }
                 None => tracing::warn!(
@@ -321,12 +308,35 @@ impl Accounting {
     /// Current value of one counter series.
     #[cfg(test)]
     pub(crate) fn value(&self, family: Family, provider: &str, labels: &[&str]) -> f64 {
-        self.counters
-            .lock()
-            .expect("accounting lock")
+        lock(&self.counters)
             .get(&SeriesKey::new(family, provider, labels))
             .copied()
             .unwrap_or(0.0)
+    }
+
+    /// The model names of `provider`'s counters, most completions first: start-up interns
+    /// them before restoring tasks, so the `max_models_per_provider` cap survives restarts.
+    pub(crate) fn counted_models(&self, provider: &str) -> Vec<String> {
+        let mut completions: HashMap<&str, f64> = HashMap::new();
+        let counters = lock(&self.counters);
+        for (key, value) in counters.iter() {
+            if key.provider == provider
+                && key.family.labels_after_provider().first() == Some(&"model")
+            {
+                let weight = if key.family == Family::Completions {
+                    *value
+                } else {
+                    0.0
+                };
+                *completions.entry(key.labels[0].as_str()).or_default() += weight;
+            }
+        }
+        let mut models: Vec<(&str, f64)> = completions.into_iter().collect();
+        models.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
+        models
+            .into_iter()
+            .map(|(name, _)| name.to_string())
+            .collect()
     }
 
     /// The published families, series of providers not in `active` left out (an empty
@@ -335,13 +345,13 @@ impl Accounting {
     pub(crate) fn families(&self, active: &HashSet<String>) -> Vec<MetricFamily> {
         let shown = |k: &SeriesKey| k.provider.is_empty() || active.contains(&k.provider);
         let mut by_family: BTreeMap<Family, Vec<proto::Metric>> = BTreeMap::new();
-        for (k, v) in self.counters.lock().expect("accounting lock").iter() {
+        for (k, v) in lock(&self.counters).iter() {
             if shown(k) {
                 let metric = counter_metric(k.label_pairs(), *v);
                 by_family.entry(k.family).or_default().push(metric);
             }
         }
-        for (k, hist) in self.histograms.lock().expect("accounting lock").iter() {
+        for (k, hist) in lock(&self.histograms).iter() {
             if shown(k) {
                 let metric = histogram_metric(k.label_pairs(), self.buckets(k.family), hist);
                 by_family.entry(k.family).or_default().push(metric);

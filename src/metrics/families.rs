@@ -145,6 +145,12 @@ families! {
         kind: Counter, storage: durable("upstream_errors"),
         labels: &["provider", "endpoint", "error"],
     },
+    ImplausibleValues => FamilyDef {
+        name: "genai_upstream_implausible_values_total",
+        help: "Answer values no real task can have (created_at in the future or over a year old, credits not a number, negative or above 1e9), by field; refused, counted once per task and field.",
+        kind: Counter, storage: durable("implausible_values"),
+        labels: &["provider", "field"],
+    },
     WebhookRequests => FamilyDef {
         name: "genai_exporter_webhook_requests_total",
         help: "Provider callbacks received, by outcome.",

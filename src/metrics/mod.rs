@@ -30,6 +30,7 @@ pub(crate) use accounting::{HistogramState, SeriesKey};
 pub(crate) use families::Family;
 pub use render::RenderError;
 
+use crate::background::{lock, read, write};
 use crate::registry::Registry;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -149,7 +150,7 @@ impl Metrics {
             self.upstream_backoff.with_label_values(&[name]);
             self.last_poll_success.with_label_values(&[name]);
         }
-        *self.active.write().expect("metrics lock") = names.iter().cloned().collect();
+        *write(&self.active) = names.iter().cloned().collect();
     }
 
     pub(crate) fn set_shard(&self, index: u32, count: u32) {
@@ -240,6 +241,11 @@ impl Metrics {
         self.count(Family::ProxySubmitRejections, provider, &[reason]);
     }
 
+    /// The model names of `provider`'s saved counters, most completions first.
+    pub(crate) fn counted_models(&self, provider: &str) -> Vec<String> {
+        self.accounting.counted_models(provider)
+    }
+
     /// Counts one panic caught in the background task named `task` (not durable).
     pub(crate) fn count_task_panic(&self, task: &str) {
         self.task_panics.with_label_values(&[task]).inc();
@@ -247,10 +253,7 @@ impl Metrics {
 
     /// Adds one to a durable counter series (committed at the next flush).
     fn count(&self, family: Family, provider: &str, labels: &[&str]) {
-        *self
-            .pending_counts
-            .lock()
-            .expect("metrics lock")
+        *lock(&self.pending_counts)
             .counters
             .entry(SeriesKey::new(family, provider, labels))
             .or_insert(0.0) += 1.0;
@@ -259,9 +262,7 @@ impl Metrics {
     /// Observes `value` in a durable histogram series (committed at the next flush).
     fn observe(&self, family: Family, provider: &str, labels: &[&str], value: f64) {
         let bounds = self.accounting.buckets(family);
-        self.pending_counts
-            .lock()
-            .expect("metrics lock")
+        lock(&self.pending_counts)
             .histograms
             .entry(SeriesKey::new(family, provider, labels))
             .or_insert_with(|| HistogramState::new(bounds.len()))
@@ -270,23 +271,20 @@ impl Metrics {
 
     /// Takes the counts gathered since the last call.
     pub fn take_pending_counts(&self) -> PendingCounts {
-        std::mem::take(&mut *self.pending_counts.lock().expect("metrics lock"))
+        std::mem::take(&mut *lock(&self.pending_counts))
     }
 
     /// Records that `provider` is paused until `until`.
-    pub(crate) fn set_pause(&self, provider: &str, until: Instant) {
-        self.pauses
-            .lock()
-            .expect("metrics lock")
-            .insert(provider.to_string(), until);
+    pub fn set_pause(&self, provider: &str, until: Instant) {
+        lock(&self.pauses).insert(provider.to_string(), until);
     }
 
     /// Renders the `/metrics` page (text format 0.0.4), reading the task gauges from
     /// `registry` now.
     pub fn render(&self, registry: &Registry) -> Result<String, RenderError> {
-        let active = self.active.read().expect("metrics lock").clone();
+        let active = read(&self.active).clone();
         let now = Instant::now();
-        for (provider, until) in self.pauses.lock().expect("metrics lock").iter() {
+        for (provider, until) in lock(&self.pauses).iter() {
             let left = until.saturating_duration_since(now).as_secs_f64();
             self.upstream_backoff
                 .with_label_values(&[provider])
@@ -303,12 +301,12 @@ impl Metrics {
     /// Makes every later `render` fail with `fault` (tests of the `/metrics` error path).
     #[cfg(test)]
     pub(crate) fn fail_renders_with(&self, fault: RenderFault) {
-        *self.render_fault.lock().expect("metrics lock") = Some(fault);
+        *lock(&self.render_fault) = Some(fault);
     }
 
     #[cfg(test)]
     fn inject_fault(&self, families: &mut Vec<prometheus::proto::MetricFamily>) {
-        let fault = *self.render_fault.lock().expect("metrics lock");
+        let fault = *lock(&self.render_fault);
         match fault {
             None => {}
             Some(RenderFault::Panic) => panic!("injected render fault"),

@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 
 use super::wire::{self, lenient, lenient_object};
 use super::{Balance, FailureClass, FailureRules, HistoryKind, HistoryPage, UpstreamFailure};
-use crate::task::{Observation, Status};
+use crate::task::{Observation, RefusedCredits, Status};
 
 pub(crate) const BALANCE_PATH: &str = "/api/v1/account/balances";
 
@@ -52,10 +52,11 @@ struct WireTask {
     status: Option<String>,
     #[serde(default, deserialize_with = "lenient")]
     error_message: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
-    credits_used: Option<f64>,
-    #[serde(default, deserialize_with = "lenient")]
-    credits_refunded: Option<f64>,
+    /// Numbers, or strings holding one; judged by `wire::credit_amount`.
+    #[serde(default)]
+    credits_used: Option<serde_json::Value>,
+    #[serde(default)]
+    credits_refunded: Option<serde_json::Value>,
     #[serde(default, deserialize_with = "lenient")]
     created_at: Option<String>,
     #[serde(default, deserialize_with = "lenient")]
@@ -222,8 +223,14 @@ impl Apimall {
             .map(str::trim)
             .filter(|m| !m.is_empty())
             .map(wire::provider_text);
-        observation.credits_used = wire::credit_amount(task.credits_used);
-        observation.credits_refunded = wire::credit_amount(task.credits_refunded);
+        let used = wire::credit_amount(task.credits_used.as_ref());
+        let refunded = wire::credit_amount(task.credits_refunded.as_ref());
+        observation.refused_credits = RefusedCredits {
+            used: used.is_err(),
+            refunded: refunded.is_err(),
+        };
+        observation.credits_used = used.unwrap_or(None);
+        observation.credits_refunded = refunded.unwrap_or(None);
         observation.created_at = wire::timestamp(task.created_at.as_deref());
         observation.updated_at = wire::timestamp(task.updated_at.as_deref());
         observation.completed_at = wire::timestamp(task.completed_at.as_deref());
@@ -499,8 +506,17 @@ mod tests {
     }
 
     #[test]
-    fn bad_credits_are_absent() {
-        for value in ["-1", "-0.5", "\"8\"", "null", "true", "{}", "1e400"] {
+    fn bad_credits_are_absent_and_refused() {
+        for value in [
+            "-1",
+            "-0.5",
+            "\"eight\"",
+            "true",
+            "{}",
+            "1e400",
+            "1e300",
+            "1e10",
+        ] {
             let body = task_body(
                 "completed",
                 &format!(r#","credits_used":{value},"credits_refunded":0"#),
@@ -509,19 +525,30 @@ mod tests {
                 Ok(o) => {
                     assert_eq!(o.credits_used, None, "{value}");
                     assert_eq!(o.credits_refunded, Some(0.0), "{value}");
+                    let refused = RefusedCredits {
+                        used: true,
+                        refunded: false,
+                    };
+                    assert_eq!(o.refused_credits, refused, "{value}");
                 }
                 // A number beyond f64 is not JSON serde can represent.
                 Err(f) => assert_eq!((value, f.class), ("1e400", FailureClass::InvalidResponse)),
             }
         }
-        let o = parse(&task_body("completed", r#","credits_used":1e300"#)).unwrap();
-        assert_eq!(o.credits_used, Some(1e300));
+        let o = parse(&task_body("completed", r#","credits_used":null"#)).unwrap();
+        assert_eq!(o.credits_used, None);
+        assert_eq!(o.refused_credits, RefusedCredits::default());
+    }
+
+    #[test]
+    fn numeric_string_credits_are_numbers() {
         let o = parse(&task_body(
-            "completed",
-            r#","credits_used":123456789012345678901234567890"#,
+            "failed",
+            r#","credits_used":"8","credits_refunded":" 2.5""#,
         ))
         .unwrap();
-        assert!(o.credits_used.unwrap() > 1e29);
+        assert_eq!((o.credits_used, o.credits_refunded), (Some(8.0), Some(2.5)));
+        assert_eq!(o.refused_credits, RefusedCredits::default());
     }
 
     #[test]

@@ -173,7 +173,7 @@ mod wire {
     use serde::de::{DeserializeOwned, Deserializer};
 
     use super::{FailureClass, UpstreamFailure};
-    use crate::task::{MAX_TEXT_LEN, UnixMillis, parse_timestamp, truncate};
+    use crate::task::{MAX_TASK_CREDITS, MAX_TEXT_LEN, UnixMillis, parse_timestamp, truncate};
 
     /// Deepest JSON nesting we hand to serde_json. Real answers nest 3–4 levels; the bound keeps
     /// hostile bodies (webhooks are unauthenticated input) away from deep recursion.
@@ -364,12 +364,27 @@ mod wire {
         parse_timestamp(text)
     }
 
-    /// A credit amount: finite and not negative, else absent (a negative charge is not data).
-    pub(super) fn credit_amount(value: Option<f64>) -> Option<f64> {
-        // `+ 0.0` folds -0.0 into 0.0.
-        value
-            .filter(|v| v.is_finite() && *v >= 0.0)
-            .map(|v| v + 0.0)
+    /// A credit value no real task can have; the caller counts it and leaves it absent.
+    #[derive(Debug, PartialEq)]
+    pub(super) struct RefusedCredit;
+
+    /// A credit amount: a JSON number or a string holding one (`"8"`), finite, not negative
+    /// and at most [`MAX_TASK_CREDITS`]. Absent or `null` is `Ok(None)`; anything else is
+    /// refused (a negative charge or `1e308` is not data, and must never reach a counter).
+    pub(super) fn credit_amount(
+        value: Option<&serde_json::Value>,
+    ) -> Result<Option<f64>, RefusedCredit> {
+        let amount = match value {
+            None | Some(serde_json::Value::Null) => return Ok(None),
+            Some(serde_json::Value::Number(n)) => n.as_f64(),
+            Some(serde_json::Value::String(s)) if s.len() <= 64 => s.trim().parse::<f64>().ok(),
+            Some(_) => None,
+        };
+        match amount {
+            // `+ 0.0` folds -0.0 into 0.0.
+            Some(v) if v.is_finite() && (0.0..=MAX_TASK_CREDITS).contains(&v) => Ok(Some(v + 0.0)),
+            _ => Err(RefusedCredit),
+        }
     }
 
     /// Model names become label values: keep them short and drop empty ones.
@@ -457,12 +472,31 @@ mod wire {
         }
 
         #[test]
-        fn credit_amounts_reject_negative_and_non_finite() {
-            assert_eq!(credit_amount(Some(8.5)), Some(8.5));
-            assert_eq!(credit_amount(Some(-0.0)), Some(0.0));
-            assert_eq!(credit_amount(Some(-1.0)), None);
-            assert_eq!(credit_amount(Some(f64::NAN)), None);
-            assert_eq!(credit_amount(Some(f64::INFINITY)), None);
+        fn credit_amounts_parse_numeric_strings_and_refuse_the_rest() {
+            use serde_json::json;
+            let amount = |v: serde_json::Value| credit_amount(Some(&v));
+            assert_eq!(amount(json!(8.5)), Ok(Some(8.5)));
+            assert_eq!(amount(json!("8")), Ok(Some(8.0)));
+            assert_eq!(amount(json!(" 2.5 ")), Ok(Some(2.5)));
+            assert_eq!(amount(json!(-0.0)), Ok(Some(0.0)));
+            assert_eq!(amount(json!(1e9)), Ok(Some(1e9)));
+            assert_eq!(amount(json!(null)), Ok(None));
+            assert_eq!(credit_amount(None), Ok(None));
+            for refused in [
+                json!(-1.0),
+                json!("-1"),
+                json!("NaN"),
+                json!("inf"),
+                json!("eight"),
+                json!(""),
+                json!(1e308),
+                json!(1.000_001e9),
+                json!(true),
+                json!({"a": 1}),
+                json!([8]),
+            ] {
+                assert_eq!(amount(refused.clone()), Err(RefusedCredit), "{refused}");
+            }
         }
 
         #[test]

@@ -21,9 +21,9 @@ mod path;
 mod traffic;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -33,6 +33,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use bytes::Bytes;
 
+use crate::logging::LogGate;
 use crate::providers::reasons::FailureRules;
 
 /// One settings type for the file and the proxy: `providers[].proxy` as resolved.
@@ -47,8 +48,6 @@ pub(crate) use traffic::Traffic;
 
 /// Largest answer copied for the observer; task and submit answers are a few KiB.
 pub(crate) const MAX_OBSERVED_BODY_BYTES: usize = 256 * 1024;
-/// Shortest interval between two log lines of the same kind of fault for one provider.
-const LOG_INTERVAL_SECS: u64 = 10;
 
 /// Settings that cannot be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -59,41 +58,6 @@ pub enum ProxySetupError {
     BadBaseUrl,
     #[error("proxy timeout must be positive")]
     ZeroTimeout,
-}
-
-/// Logs a kind of fault at most once per [`LOG_INTERVAL_SECS`], with the number of the
-/// same faults left unlogged since: an application (or an attacker) controls how often
-/// these happen.
-#[derive(Debug, Default)]
-struct LogGate {
-    next_second: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-impl LogGate {
-    /// `Some(suppressed count)` when a line may be logged now.
-    fn open(&self) -> Option<u64> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let next = self.next_second.load(Ordering::Relaxed);
-        if now >= next
-            && self
-                .next_second
-                .compare_exchange(
-                    next,
-                    now + LOG_INTERVAL_SECS,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
-            Some(self.suppressed.swap(0, Ordering::Relaxed))
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            None
-        }
-    }
 }
 
 /// The proxy of one provider.
@@ -578,16 +542,6 @@ mod tests {
             Some(("maxapi", "/%2e%2e/x"))
         );
         assert_eq!(split_proxy_path("/metrics"), None);
-    }
-
-    #[test]
-    fn log_gate_lets_one_line_through_per_interval() {
-        let gate = LogGate::default();
-        assert_eq!(gate.open(), Some(0));
-        assert_eq!(gate.open(), None);
-        assert_eq!(gate.open(), None);
-        gate.next_second.store(0, Ordering::Relaxed);
-        assert_eq!(gate.open(), Some(2));
     }
 
     #[test]

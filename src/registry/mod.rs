@@ -45,6 +45,7 @@ pub(crate) use gauges::GaugeSnapshot;
 pub(crate) use restore::Restorer;
 pub use view::TaskView;
 
+use crate::background::{lock, read, write};
 use crate::config::{Polling, Shard};
 use crate::providers::{FailureClass, UpstreamFailure};
 use crate::store::Batch;
@@ -142,6 +143,29 @@ pub enum Event {
     Dropped {
         reason: DropReason,
     },
+    /// An answer carried a value no real task can have; counted once per task and field.
+    Implausible {
+        field: ImplausibleField,
+    },
+}
+
+/// The answer fields judged for plausibility (see `rules`); the `field` label of
+/// `genai_upstream_implausible_values_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImplausibleField {
+    CreatedAt,
+    CreditsUsed,
+    CreditsRefunded,
+}
+
+impl ImplausibleField {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImplausibleField::CreatedAt => "created_at",
+            ImplausibleField::CreditsUsed => "credits_used",
+            ImplausibleField::CreditsRefunded => "credits_refunded",
+        }
+    }
 }
 
 /// What `track` did with an id.
@@ -217,50 +241,46 @@ impl Registry {
             p.set_polling(polling);
             return p;
         }
-        let mut map = self.providers.write().expect("registry lock");
+        let mut map = write(&self.providers);
         map.entry(name.to_string())
             .or_insert_with(|| {
                 Arc::new(ProviderTasks::new(
                     name,
                     polling,
                     self.max_models,
-                    *self.shard.read().expect("registry lock"),
+                    *read(&self.shard),
                 ))
             })
             .clone()
     }
 
     pub fn provider(&self, name: &str) -> Option<Arc<ProviderTasks>> {
-        self.providers
-            .read()
-            .expect("registry lock")
-            .get(name)
-            .cloned()
+        read(&self.providers).get(name).cloned()
     }
 
     /// Forgets a provider removed from the configuration (its store rows stay, so it
     /// continues where it was if it comes back). What it had not committed yet is handed to
     /// the persister once more (see [`Registry::take_retired`]).
-    pub(crate) fn remove_provider(&self, name: &str) {
-        if let Some(tasks) = self.providers.write().expect("registry lock").remove(name) {
-            self.retired.lock().expect("registry lock").push(tasks);
+    pub fn remove_provider(&self, name: &str) {
+        if let Some(tasks) = write(&self.providers).remove(name) {
+            lock(&self.retired).push(tasks);
         }
     }
 
     /// Providers removed since the last call, for a last commit of their pending work.
-    pub(crate) fn take_retired(&self) -> Vec<Arc<ProviderTasks>> {
-        std::mem::take(&mut *self.retired.lock().expect("registry lock"))
+    pub fn take_retired(&self) -> Vec<Arc<ProviderTasks>> {
+        std::mem::take(&mut *lock(&self.retired))
     }
 
     pub fn providers(&self) -> Vec<Arc<ProviderTasks>> {
-        let map = self.providers.read().expect("registry lock");
+        let map = read(&self.providers);
         let mut list: Vec<_> = map.values().cloned().collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
     }
 
-    pub(crate) fn shard(&self) -> Shard {
-        *self.shard.read().expect("registry lock")
+    pub fn shard(&self) -> Shard {
+        *read(&self.shard)
     }
 
     /// The longest tombstone lifetime of any provider (store rows older than it can go).
@@ -296,8 +316,10 @@ impl ProviderTasks {
         &self.name
     }
 
+    /// Recovered when poisoned: a panic between two updates of one task can leave at most
+    /// that task's gauges off, while a poisoned lock would stop the provider for good.
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().expect("provider tasks lock")
+        lock(&self.inner)
     }
 
     /// Applies new polling settings (reload). Schedules already set are kept.

@@ -65,10 +65,20 @@ impl Restorer<'_> {
                 slot,
                 d.finished_at.unwrap_or(now) + inner.policy.retention_ms,
             );
+            inner.plan_late_refund_check(slot, now);
         } else {
             inner.plan_next_poll(slot, Next::Restored, now);
         }
         Ok(())
+    }
+
+    /// Gives the models of the saved counters (most completions first) their places in the
+    /// model table before any task is restored: the same models keep their series after a
+    /// restart, and `max_models_per_provider` still bounds the series (new ones are `other`).
+    pub(crate) fn models(&mut self, names: &[String]) {
+        for name in names {
+            self.inner.models.intern(name);
+        }
     }
 
     /// Restores a tombstone read from the store (start-up).

@@ -9,6 +9,11 @@
 //! - A removed task leaves a tombstone, kept while sources keep mentioning the id.
 //! - A task is dropped after three "not found" answers over a minute, past `max_task_age`,
 //!   or on request; each drop is counted with its reason.
+//! - Implausible values are refused and counted once per task and field: a `created_at`
+//!   more than a year old or more than five minutes ahead of our clock is ignored (age counts from
+//!   first sight, no latency is observed); credits the adapter refused never reach a total.
+//! - A task that failed with credits charged and not all refunded is polled again 2, 8 and
+//!   40 polling intervals after it finished (while retained), so a late refund is counted.
 //!
 //! The events are not published here: the persister commits them with the task records
 //! (`pending`), so a crash loses both and the task is counted again after the restart.
@@ -18,8 +23,11 @@ use std::hash::BuildHasher;
 
 use super::compact::{TaskId, UUID_LEN};
 use super::schedule::{Due, Next};
-use super::table::{COUNTED, Inner, NEVER, id_hash};
-use super::{Applied, DropReason, Event, PollError, Source, TrackOutcome};
+use super::table::{
+    COUNTED, IMPLAUSIBLE_CREATED_AT, IMPLAUSIBLE_CREDITS_REFUNDED, IMPLAUSIBLE_CREDITS_USED, Inner,
+    NEVER, NO_TIME, id_hash,
+};
+use super::{Applied, DropReason, Event, ImplausibleField, PollError, Source, TrackOutcome};
 use crate::config::is_valid_task_id;
 use crate::providers::FailureClass;
 use crate::store;
@@ -30,6 +38,21 @@ const NOT_FOUND_LIMIT: u16 = 3;
 const NOT_FOUND_MIN_SPAN_MS: i64 = 60_000;
 /// Tombstones are judged at most this often (a full pass over them).
 const TOMBSTONE_SWEEP_MS: i64 = 60_000;
+/// A `created_at` more than this before our clock is implausible (`1970-…`, `0001-…`): no
+/// generation task runs for a year.
+const CREATED_AT_MAX_AGE_MS: i64 = 365 * 24 * 3600 * 1000;
+/// A `created_at` further ahead of our clock than this is implausible (clock skew aside).
+const CREATED_AT_FUTURE_SLACK_MS: i64 = 5 * 60_000;
+/// When a failed task with credits not all refunded is polled again, in polling intervals
+/// after it finished (with the default 15 s: 30 s, 2 min, 10 min): a refund posted later is
+/// counted if it comes within 40 intervals (and within `retention`). At most three requests
+/// per such task; tasks without credits (maxapi) cost nothing.
+pub(super) const LATE_REFUND_CHECKS: [i64; 3] = [2, 8, 40];
+
+fn plausible_created_at(created_at: i64, now: i64) -> bool {
+    let earliest = now.saturating_sub(CREATED_AT_MAX_AGE_MS);
+    (earliest..=now.saturating_add(CREATED_AT_FUTURE_SLACK_MS)).contains(&created_at)
+}
 
 impl Inner {
     /// Starts tracking `id`, counting its discovery once. An id already tracked, or
@@ -68,6 +91,7 @@ impl Inner {
     pub(super) fn observe(&mut self, slot: u32, obs: &Observation, now: i64) -> Applied {
         let applied = self.apply(slot, obs, now);
         self.plan_next_poll(slot, Next::Answered, now);
+        self.plan_late_refund_check(slot, now);
         applied
     }
 
@@ -82,7 +106,9 @@ impl Inner {
         }
         let applied = self.apply(slot, obs, now);
         let t = self.task(slot);
-        if !t.status.is_terminal() {
+        if t.status.is_terminal() {
+            self.plan_late_refund_check(slot, now);
+        } else {
             let due = self.policy.next_poll(t, Next::Answered, now).max(0);
             if due != planned {
                 // The old heap entry goes stale (it no longer matches `next_poll`).
@@ -91,6 +117,41 @@ impl Inner {
             }
         }
         applied
+    }
+
+    /// Plans the next late-refund check of a failed task (see [`LATE_REFUND_CHECKS`]).
+    pub(super) fn plan_late_refund_check(&mut self, slot: u32, now: i64) {
+        let t = self.task(slot);
+        let owed = t.credits_used > t.credits_refunded;
+        if !owed || !t.status.is_terminal() || t.status == Status::Succeeded {
+            return;
+        }
+        if t.finished_at == NO_TIME {
+            return;
+        }
+        let finished = t.finished_at;
+        let interval = self.policy.interval_ms;
+        if let Some(due) = LATE_REFUND_CHECKS
+            .iter()
+            .map(|intervals| finished + intervals * interval)
+            .find(|&due| due > now)
+        {
+            self.schedule_at(slot, due);
+        }
+    }
+
+    /// Counts an implausible value of `field` once per task.
+    fn count_implausible(&mut self, slot: u32, field: ImplausibleField) {
+        let flag = match field {
+            ImplausibleField::CreatedAt => IMPLAUSIBLE_CREATED_AT,
+            ImplausibleField::CreditsUsed => IMPLAUSIBLE_CREDITS_USED,
+            ImplausibleField::CreditsRefunded => IMPLAUSIBLE_CREDITS_REFUNDED,
+        };
+        let t = self.task_mut(slot);
+        if !t.has(flag) {
+            t.set(flag, true);
+            self.events.push(Event::Implausible { field });
+        }
     }
 
     /// The answer to a poll taken with `take_due`.
@@ -141,8 +202,10 @@ impl Inner {
             self.remove(slot, now, Some(DropReason::NotFound));
             return;
         }
-        // A failed confirmation poll of a finished task plans nothing: nothing to retry.
+        // A failed confirmation poll of a finished task plans nothing: nothing to retry
+        // (a late-refund check tries again at its next time).
         self.plan_next_poll(slot, Next::Failed, now);
+        self.plan_late_refund_check(slot, now);
     }
 
     /// The accounting rule. Terminal status: counted once. Credits: each increase once.
@@ -159,6 +222,9 @@ impl Inner {
         } else {
             obs.status
         };
+        // An implausible created_at is ignored: age counts from first sight.
+        let created_at = obs.created_at.filter(|&v| plausible_created_at(v, now));
+        let implausible_created_at = obs.created_at.is_some() && created_at.is_none();
         // The model is learnt once (it does not change during a task's life).
         let model = match &obs.model {
             Some(name) if current_model == 0 => self.models.intern(name),
@@ -172,7 +238,7 @@ impl Inner {
                 t.failure_reason = obs.failure_reason;
                 text_changed |= t.set_error_message(obs.error_message.as_deref());
             }
-            if let Some(v) = obs.created_at {
+            if let Some(v) = created_at {
                 t.created_at = v;
             }
             if let Some(v) = obs.updated_at {
@@ -184,6 +250,15 @@ impl Inner {
         }
         // In-flight age keys on created_at, which may have just become known.
         self.set_state(slot, model, status, Some(old_key));
+        if implausible_created_at {
+            self.count_implausible(slot, ImplausibleField::CreatedAt);
+        }
+        if obs.refused_credits.used {
+            self.count_implausible(slot, ImplausibleField::CreditsUsed);
+        }
+        if obs.refused_credits.refunded {
+            self.count_implausible(slot, ImplausibleField::CreditsRefunded);
+        }
 
         let used = obs.credits_used.filter(|v| v.is_finite());
         let refunded = obs.credits_refunded.filter(|v| v.is_finite());
@@ -220,7 +295,8 @@ impl Inner {
                 Status::Cancelled => Some(obs.failure_reason.unwrap_or(FailureReason::Cancelled)),
                 _ => Some(obs.failure_reason.unwrap_or(FailureReason::Unspecified)),
             };
-            let latency_seconds = obs.latency_seconds();
+            // From an implausible created_at there is no latency to observe.
+            let latency_seconds = obs.latency_seconds().filter(|_| !implausible_created_at);
             let t = self.task_mut(slot);
             t.set(COUNTED, true);
             t.finished_at = now;

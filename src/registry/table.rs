@@ -33,6 +33,10 @@ pub(super) const IN_FLIGHT: u8 = 4;
 /// Only poll bookkeeping changed (`last_polled`, `polls`, `not_found`, `last_error`); the
 /// slot is listed in `Inner::lazy`, written at most every `pending::BOOKKEEPING_FLUSH`.
 pub(super) const LAZY: u8 = 8;
+/// An implausible value of this field was counted for the task (once per task and field).
+pub(super) const IMPLAUSIBLE_CREATED_AT: u8 = 16;
+pub(super) const IMPLAUSIBLE_CREDITS_USED: u8 = 32;
+pub(super) const IMPLAUSIBLE_CREDITS_REFUNDED: u8 = 64;
 
 /// One tracked task, 128 bytes. Times are Unix milliseconds with [`NO_TIME`] for "absent",
 /// the id is stored inline (see [`TaskId`]), the upstream status word is an index into the

@@ -510,8 +510,8 @@ mod tests {
 
         let p = problems("tls_server_config:\n  cert_file: nowhere.pem\n  key_file: nowhere.key\n");
         assert!(
-            p.join("\n")
-                .contains("tls_server_config.cert_file: cannot read"),
+            p.join("\n").contains("tls_server_config.cert_file: ")
+                && p.join("\n").contains("nowhere.pem: cannot be read"),
             "{p:?}"
         );
 

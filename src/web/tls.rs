@@ -14,7 +14,7 @@ use rustls::{
 };
 
 use crate::config::Problem;
-use crate::secret::Secret;
+use crate::secret::{Secret, read_bounded_text};
 
 /// Where a PEM block comes from.
 #[derive(Debug, Clone)]
@@ -65,13 +65,19 @@ impl TlsSettings {
     }
 }
 
+/// Certificate chains and keys are a few KiB; a CA bundle a few hundred.
+const MAX_PEM_FILE_BYTES: u64 = 4 << 20;
+
 fn read(source: &PemSource, key: &str) -> Result<Vec<u8>, Problem> {
     match source {
         PemSource::Inline(text) => Ok(text.expose().as_bytes().to_vec()),
-        PemSource::File(path) => std::fs::read(path).map_err(|e| Problem {
-            path: format!("tls_server_config.{key}_file"),
-            message: format!("cannot read {}: {e}", path.display()),
-        }),
+        // Bounded, regular files only: a FIFO or /dev/zero named here must not wedge a reload.
+        PemSource::File(path) => read_bounded_text(path, MAX_PEM_FILE_BYTES)
+            .map(String::into_bytes)
+            .map_err(|e| Problem {
+                path: format!("tls_server_config.{key}_file"),
+                message: format!("{}: {e}", path.display()),
+            }),
     }
 }
 

@@ -522,9 +522,15 @@ impl Binary {
     /// Starts the binary and waits for its `listening` line (give it
     /// `--web.listen-address 127.0.0.1:0`), then for `/-/healthy` to answer.
     pub async fn start(args: &[&str]) -> Binary {
+        Binary::start_with_env(args, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with extra environment variables for the child.
+    pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Binary {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_genai-task-exporter"))
             .args(args)
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
