@@ -7,7 +7,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use genai_task_exporter::simulator::{
     APIMALL_FAILURE_MESSAGES, FailureMix, Faults, GroundTruth, MAXAPI_FAILURE_REASONS, ModelKind,
-    ModelSim, Outage, PollReport, Register, SimConfig, SimProvider, Simulator, TaskList,
+    ModelSim, Outage, OutcomeList, PollReport, Register, SimConfig, SimProvider, Simulator,
+    TaskList,
 };
 use genai_task_exporter::task::FailureReason;
 use serde_json::{Value, json};
@@ -1126,6 +1127,67 @@ async fn task_list_pages_by_creation_index_and_evicted_ids_answer_404() {
             .status,
         400
     );
+}
+
+#[tokio::test]
+async fn failures_take_their_own_time_and_outcomes_report_each_completion() {
+    let mut cfg = SimConfig::default();
+    cfg.maxapi.workload.models = vec![ModelSim {
+        failure_ratio: 0.5,
+        failure_latency_min: Some(Duration::from_millis(100)),
+        failure_latency_max: Some(Duration::from_millis(200)),
+        failure_reasons: only_reason("content_moderation"),
+        ..model("nano-banana", ModelKind::Image, (20_000, 30_000))
+    }];
+    let s = start(cfg).await;
+    let ids: Vec<String> = (0..40)
+        .map(|_| s.sim.create_task(SimProvider::Maxapi, None))
+        .collect();
+    let r = s.get("/_sim/outcomes?provider=maxapi", None).await;
+    assert_eq!(r.status, 200);
+    let list: OutcomeList = serde_json::from_slice(&r.body).unwrap();
+    let listed: Vec<&str> = list.tasks.iter().map(|t| t.task_id.as_str()).collect();
+    assert_eq!(listed, ids, "every task, in creation order");
+    let mut failing = Vec::new();
+    for t in &list.tasks {
+        let took = t.completed_at - t.created_at;
+        match t.status.as_str() {
+            "failed" => {
+                assert!((0.1..=0.2 + 1e-6).contains(&took), "{took}");
+                failing.push(t.clone());
+            }
+            "succeeded" => assert!((20.0..=30.0 + 1e-6).contains(&took), "{took}"),
+            other => panic!("unexpected status {other}"),
+        }
+        assert!(!t.terminal && t.polls == 0, "{t:?}");
+    }
+    assert!(
+        (10..=30).contains(&failing.len()),
+        "about half fail: {}",
+        failing.len()
+    );
+    // The API shows each failure once its completion time has passed, with that time.
+    let t = &failing[0];
+    let data = s
+        .wait_for(&format!("/api/v1/task/{}", t.task_id), MAX_KEY, |d| {
+            d["status"] == "FAILURE"
+        })
+        .await;
+    let updated = parse_ts(&data["updated_at"])
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (updated - t.completed_at).abs() < 1e-3,
+        "{updated} vs {t:?}"
+    );
+    let after: OutcomeList =
+        serde_json::from_slice(&s.get("/_sim/outcomes?provider=maxapi", None).await.body).unwrap();
+    let again = after.tasks.iter().find(|o| o.task_id == t.task_id).unwrap();
+    assert!(again.terminal);
+    assert!(again.polls >= 1);
+    assert_eq!(s.get("/_sim/outcomes", None).await.status, 400);
 }
 
 // ------------------------------------------------------------------ deliveries

@@ -160,6 +160,13 @@ pub struct ModelSim {
     /// Longest creation-to-terminal time (drawn uniformly in between). Default 5s.
     #[serde(with = "duration")]
     pub latency_max: Duration,
+    /// Shortest creation-to-terminal time of a task that fails or times out, when failures
+    /// end sooner (or later) than successes. Default `latency_min`.
+    #[serde(with = "opt_duration")]
+    pub failure_latency_min: Option<Duration>,
+    /// Longest creation-to-terminal time of a failing task. Default `latency_max`.
+    #[serde(with = "opt_duration")]
+    pub failure_latency_max: Option<Duration>,
     /// Fraction of the latency spent pending before a worker takes the task. Default 0.2.
     pub pending_share: f64,
     /// Share of tasks that fail (`FAILURE` / `failed`), reason drawn from `failure_reasons`.
@@ -187,6 +194,16 @@ impl ModelSim {
     }
 }
 
+impl ModelSim {
+    /// Creation-to-terminal range of a failing or timed-out task.
+    pub(crate) fn failure_range(&self) -> (Duration, Duration) {
+        (
+            self.failure_latency_min.unwrap_or(self.latency_min),
+            self.failure_latency_max.unwrap_or(self.latency_max),
+        )
+    }
+}
+
 impl Default for ModelSim {
     fn default() -> Self {
         ModelSim {
@@ -195,6 +212,8 @@ impl Default for ModelSim {
             kind: ModelKind::Image,
             latency_min: Duration::from_secs(1),
             latency_max: Duration::from_secs(5),
+            failure_latency_min: None,
+            failure_latency_max: None,
             pending_share: 0.2,
             failure_ratio: 0.0,
             timeout_ratio: 0.0,
@@ -352,6 +371,8 @@ impl SimConfig {
             kind: ModelKind::Image,
             latency_min: Duration::from_secs(min),
             latency_max: Duration::from_secs(max),
+            failure_latency_min: None,
+            failure_latency_max: None,
             pending_share: 0.25,
             failure_ratio: 0.08,
             timeout_ratio: 0.01,
@@ -365,6 +386,8 @@ impl SimConfig {
             kind: ModelKind::Video,
             latency_min: Duration::from_secs(120),
             latency_max: Duration::from_secs(480),
+            failure_latency_min: None,
+            failure_latency_max: None,
             pending_share: 0.3,
             failure_ratio: 0.06,
             timeout_ratio: 0.03,
@@ -473,6 +496,12 @@ impl ProviderSim {
                 return Err(invalid(
                     format!("{path}.latency_min"),
                     "must not exceed latency_max",
+                ));
+            }
+            if m.failure_range().0 > m.failure_range().1 {
+                return Err(invalid(
+                    format!("{path}.failure_latency_min"),
+                    "must not exceed failure_latency_max (or latency_max)",
                 ));
             }
             for (key, v) in [
@@ -604,6 +633,22 @@ mod duration {
     }
 }
 
+/// Optional humantime strings (`null` or absent: none).
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            None => Ok(None),
+            Some(text) => humantime::parse_duration(&text).map(Some).map_err(|e| {
+                serde::de::Error::custom(format!("invalid duration {text:?}: {e} (e.g. \"500ms\")"))
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -625,7 +670,7 @@ maxapi:
     tasks_per_second: 5
     total_tasks: 100
     models:
-      - {name: nano-banana, latency_min: 100ms, latency_max: 2s, failure_ratio: 0.1}
+      - {name: nano-banana, latency_min: 100ms, latency_max: 2s, failure_ratio: 0.1, failure_latency_max: 150ms}
       - {name: seedance, kind: video, latency_min: 1s, latency_max: 3s, cancel_ratio: 0.2}
   faults:
     error_500_ratio: 0.05
@@ -644,6 +689,12 @@ apimall:
             Duration::from_millis(100)
         );
         assert_eq!(cfg.maxapi.workload.models[1].kind, ModelKind::Video);
+        assert_eq!(
+            cfg.maxapi.workload.models[0].failure_range(),
+            (Duration::from_millis(100), Duration::from_millis(150)),
+            "failure_latency_min defaults to latency_min"
+        );
+        assert_eq!(cfg.maxapi.workload.models[1].failure_latency_max, None);
         assert_eq!(cfg.maxapi.faults.outages[0].start, Duration::from_secs(10));
         assert_eq!(cfg.apimall.faults.retry_after, None);
         assert_eq!(cfg.apimall.faults.timeout_delay, Duration::from_secs(2));
@@ -658,6 +709,15 @@ apimall:
                 .to_string();
         assert!(
             err.contains("apimall.workload.models[0].cancel_ratio"),
+            "{err}"
+        );
+        let err = SimConfig::from_yaml(
+            "maxapi: {workload: {models: [{name: m, latency_min: 5s, failure_latency_max: 1s}]}}",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("maxapi.workload.models[0].failure_latency_min"),
             "{err}"
         );
         let err = SimConfig::from_yaml("maxapi: {faults: {timeout_delay: soon}}")

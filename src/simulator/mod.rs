@@ -16,6 +16,8 @@
 //! - `GET /_sim/polls[?provider=]`: [`PollReport`], get-task requests per task and how many
 //!   distinct keys made them (keys are stored as short hashes only).
 //! - `GET /_sim/tasks?provider=&after=&limit=`: [`TaskList`], created ids in creation order.
+//! - `GET /_sim/outcomes?provider=`: [`OutcomeList`], each remembered task's outcome and the
+//!   instant it becomes terminal (for measuring how soon a watcher learns it).
 //!
 //! Memory is bounded: each provider remembers at most `max_tasks` tasks (default 100000);
 //! past that the oldest is forgotten and its id answers 404 like an unknown one. Forgotten
@@ -44,8 +46,8 @@ pub use config::{
     SimConfigError, Workload,
 };
 pub use truth::{
-    DeliveryCounts, FaultCounts, GroundTruth, ModelTruth, PollReport, PollSummary, ProviderTruth,
-    ReasonCounts, TaskList, TaskPolls, TerminalCounts,
+    DeliveryCounts, FaultCounts, GroundTruth, ModelTruth, OutcomeList, PollReport, PollSummary,
+    ProviderTruth, ReasonCounts, TaskList, TaskOutcome, TaskPolls, TerminalCounts,
 };
 pub use wire::{APIMALL_FAILURE_MESSAGES, MAXAPI_FAILURE_REASONS};
 
@@ -128,6 +130,8 @@ impl Simulator {
             for m in &mut p.workload.models {
                 m.latency_min = m.latency_min.min(MAX_SPAN);
                 m.latency_max = m.latency_max.min(MAX_SPAN);
+                m.failure_latency_min = m.failure_latency_min.map(|d| d.min(MAX_SPAN));
+                m.failure_latency_max = m.failure_latency_max.map(|d| d.min(MAX_SPAN));
                 if !m.pending_share.is_finite() {
                     m.pending_share = 0.0;
                 }
@@ -297,6 +301,38 @@ impl Simulator {
             }
         }
         report
+    }
+
+    /// Each remembered task's outcome and completion time (also `GET /_sim/outcomes`).
+    pub fn outcomes(&self, provider: SimProvider) -> OutcomeList {
+        let now = Instant::now();
+        let mut st = self.lock();
+        let ps = st.provider(provider);
+        let unix = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64())
+        };
+        let tasks = ps
+            .order
+            .iter()
+            .filter_map(|id| ps.tasks.get(id))
+            .map(|e| {
+                let plan = &e.plan;
+                TaskOutcome {
+                    task_id: plan.id.to_string(),
+                    model: plan.model.to_string(),
+                    status: plan.outcome.status().as_str().to_string(),
+                    created_at: unix(plan.created_wall),
+                    completed_at: unix(plan.created_wall + plan.to_terminal),
+                    terminal: plan.phase_at(now) == state::Phase::Terminal,
+                    polls: e.polls,
+                }
+            })
+            .collect();
+        OutcomeList {
+            provider: provider.as_str().to_string(),
+            tasks,
+        }
     }
 
     /// Created ids in creation order, skipping the first `after` (also `GET /_sim/tasks`).

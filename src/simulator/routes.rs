@@ -40,6 +40,7 @@ pub(super) fn router(sim: Simulator) -> Router {
         .route("/_sim/truth", get(sim_truth))
         .route("/_sim/polls", get(sim_polls))
         .route("/_sim/tasks", get(sim_tasks))
+        .route("/_sim/outcomes", get(sim_outcomes))
         .with_state(sim)
 }
 
@@ -516,4 +517,12 @@ async fn sim_tasks(State(sim): State<Simulator>, RawQuery(query): RawQuery) -> R
         })
         .min(MAX_TASK_LIST);
     sim_json(&sim.task_ids(provider, after.unwrap_or(0), limit))
+}
+
+async fn sim_outcomes(State(sim): State<Simulator>, RawQuery(query): RawQuery) -> Response {
+    let q = query.unwrap_or_default();
+    let Some(provider) = query_str(&q, "provider").and_then(SimProvider::parse) else {
+        return sim_bad_request("provider=maxapi or provider=apimall is required\n");
+    };
+    sim_json(&sim.outcomes(provider))
 }

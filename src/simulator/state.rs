@@ -253,10 +253,19 @@ impl State {
         let created_wall = now_wall.checked_sub(age).unwrap_or(now_wall);
         let created_at = now.checked_sub(age).unwrap_or(now);
 
-        let (lo, hi) = ordered(m.latency_min, m.latency_max);
-        let latency = lo + (hi - lo).mul_f64(self.rng.f64());
-        let pending = latency.mul_f64(m.pending_share.clamp(0.0, 1.0));
+        // One uniform draw placed in the outcome's range: a failure range set or not, the
+        // same seed draws the same sequence.
+        let spread = self.rng.f64();
         let outcome = draw_outcome(&mut self.rng, p, m);
+        let (lo, hi) = match outcome {
+            Outcome::Failed(_) | Outcome::TimedOut => {
+                let (lo, hi) = m.failure_range();
+                ordered(lo, hi)
+            }
+            _ => ordered(m.latency_min, m.latency_max),
+        };
+        let latency = lo + (hi - lo).mul_f64(spread);
+        let pending = latency.mul_f64(m.pending_share.clamp(0.0, 1.0));
         let (to_processing, to_submitted, to_terminal) = match outcome {
             Outcome::Cancelled => {
                 // Cancelled somewhere in the task's life, possibly while still pending.

@@ -250,3 +250,28 @@ pub struct TaskList {
     pub next: u64,
     pub task_ids: Vec<String>,
 }
+
+/// `GET /_sim/outcomes?provider=`: every remembered task's outcome and when it happens, so a
+/// watcher can measure how soon it learned each one.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OutcomeList {
+    pub provider: String,
+    /// In creation order.
+    pub tasks: Vec<TaskOutcome>,
+}
+
+/// One task's planned life. Times are Unix seconds with microsecond precision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskOutcome {
+    pub task_id: String,
+    pub model: String,
+    /// The normalized terminal status it ends in (`succeeded`, `failed`, ...).
+    pub status: String,
+    pub created_at: f64,
+    /// When it becomes terminal (in the past or the future).
+    pub completed_at: f64,
+    /// `completed_at` has passed.
+    pub terminal: bool,
+    /// Get-task requests for it so far.
+    pub polls: u64,
+}
