@@ -12,6 +12,7 @@
 //! - `table`: the slot table, the compact task, its flags and the model table;
 //! - `rules`: track, apply an answer, a failed poll, remove, sweep, tombstones;
 //! - `schedule`: the polling policy, when a task is polled next, the due-time heap;
+//! - `latency`: completion times learnt per model, which the schedule follows;
 //! - `gauges`: the counts behind the scrape-time gauges;
 //! - `pending`: dirty tracking, the persistence work the persister takes;
 //! - `record` and `restore`: the store's task record and start-up;
@@ -21,6 +22,7 @@
 
 mod compact;
 mod gauges;
+mod latency;
 mod pending;
 mod record;
 mod restore;
@@ -288,9 +290,19 @@ impl ProviderTasks {
         self.inner.lock().expect("provider tasks lock")
     }
 
-    /// Applies new polling settings (reload). Schedules already set are kept.
+    /// Applies new polling settings (reload). Schedules already set are kept, and so is
+    /// [`set_expect_callbacks`](Self::set_expect_callbacks).
     pub fn set_polling(&self, polling: &Polling) {
-        self.lock().policy = Policy::from(polling);
+        let mut inner = self.lock();
+        inner.policy = Policy::from(polling).with_callbacks(inner.policy.expect_callbacks);
+    }
+
+    /// Whether this provider's tasks report their outcome through callbacks: then they are
+    /// not polled on the regular schedule, only once overdue (a lost callback is still
+    /// caught). Applies to polls planned from now on.
+    pub fn set_expect_callbacks(&self, expect_callbacks: bool) {
+        let mut inner = self.lock();
+        inner.policy = inner.policy.with_callbacks(expect_callbacks);
     }
 
     /// Starts tracking `id`, first poll now. See [`TrackOutcome`].

@@ -3,7 +3,9 @@
 use std::hash::BuildHasher;
 use std::sync::MutexGuard;
 
+use super::MODEL_OTHER;
 use super::compact::TaskId;
+use super::latency::Histogram;
 use super::record::{DecodeError, decode_task};
 use super::schedule::Next;
 use super::table::{COUNTED, Inner, NO_TIME, id_hash, slot_hasher};
@@ -67,6 +69,22 @@ impl Restorer<'_> {
             inner.plan_next_poll(slot, Next::Restored, now);
         }
         Ok(())
+    }
+
+    /// Puts back the stored completion times of `model` (its provider's pooled ones under
+    /// `unknown`). Returns false, restoring nothing, when the row cannot be read or the model
+    /// table is full.
+    pub fn latencies(&mut self, model: &str, row: &[u8]) -> bool {
+        let Some(histogram) = Histogram::decode(row) else {
+            return false;
+        };
+        let inner = &mut *self.inner;
+        let index = inner.models.intern(model);
+        if index == 1 && model != MODEL_OTHER {
+            return false;
+        }
+        inner.latencies.restore(index, histogram);
+        true
     }
 
     /// Like [`ProviderTasks::restore_tombstone`](super::ProviderTasks::restore_tombstone).

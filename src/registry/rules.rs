@@ -18,7 +18,7 @@ use std::hash::BuildHasher;
 
 use super::compact::{TaskId, UUID_LEN};
 use super::schedule::Next;
-use super::table::{COUNTED, Inner, NEVER, id_hash};
+use super::table::{COUNTED, Inner, NEVER, NO_TIME, id_hash};
 use super::{DropReason, Event, PollError, Source, TrackOutcome};
 use crate::config::is_valid_task_id;
 use crate::providers::FailureClass;
@@ -194,6 +194,18 @@ impl Inner {
                 _ => Some(obs.failure_reason.unwrap_or(FailureReason::Unspecified)),
             };
             let latency_seconds = obs.latency_seconds();
+            // Whatever told us, the task's completion time is learnt once, with its count
+            // (the end as for the latency: `completed_at`, else `updated_at`; maxapi has
+            // no completion time, docs/providers.md).
+            let t = self.task(slot);
+            let end = if t.completed_at != NO_TIME {
+                t.completed_at
+            } else {
+                t.updated_at
+            };
+            if t.created_at != NO_TIME && end != NO_TIME && end >= t.created_at {
+                self.latencies.learn(model, end - t.created_at);
+            }
             let t = self.task_mut(slot);
             t.set(COUNTED, true);
             t.finished_at = now;
