@@ -49,12 +49,13 @@ fn config(base_url: &str, tasks: &[String]) -> String {
 
 /// `next_poll_at - first_seen_at` of `id` in the task API, in seconds.
 async fn first_poll_delay(exporter: &Exporter, id: &str) -> f64 {
-    let tasks: Vec<Value> = reqwest::get(exporter.url("/api/v1/tasks?provider=mx"))
+    let list: Value = reqwest::get(exporter.url("/api/v1/tasks?provider=mx"))
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
+    let tasks = list["tasks"].as_array().expect("a task list");
     let task = tasks
         .iter()
         .find(|t| t["id"] == id)
@@ -69,6 +70,21 @@ async fn first_poll_delay(exporter: &Exporter, id: &str) -> f64 {
         .duration_since(time("first_seen_at"))
         .unwrap_or_default()
         .as_secs_f64()
+}
+
+/// Starts the exporter on `state`, once the stopped one's last tasks have let the store go.
+async fn restart(yaml: &str, env: &[(&str, &str)], state: &std::path::Path) -> Exporter {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match Exporter::try_start(yaml, env, state).await {
+            Ok(exporter) => return exporter,
+            Err(e) if e.to_string().contains("already open") => {
+                assert!(std::time::Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("restart: {e}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,7 +122,7 @@ async fn the_learned_schedule_survives_a_restart() {
     }
     exporter.stop().await;
 
-    let exporter = Exporter::start(&yaml, &env, dir.path()).await;
+    let exporter = restart(&yaml, &env, dir.path()).await;
     let learnt = id(100);
     exporter.track("mx", &learnt);
     let delay = first_poll_delay(&exporter, &learnt).await;
