@@ -177,16 +177,15 @@ pub(super) struct Latencies {
 }
 
 impl Latencies {
-    /// The distribution to schedule a task of `model` by: its own once trusted, else the
-    /// pooled one (a model seen too rarely is still scheduled by what its provider does).
+    /// The distribution to schedule a task of `model` by, once trusted: its model's, or the
+    /// pooled one while the model is unknown (index 0). A known model with too few samples
+    /// of its own gets none (the back-off): the pooled times, dominated by other models,
+    /// would misplace its polls.
     pub(super) fn for_model(&self, model: u16) -> Option<&Histogram> {
-        let get = |i: u16| {
-            self.by_model
-                .get(i as usize)
-                .and_then(Option::as_deref)
-                .filter(|h| h.is_trusted())
-        };
-        get(model).or_else(|| get(0))
+        self.by_model
+            .get(model as usize)
+            .and_then(Option::as_deref)
+            .filter(|h| h.is_trusted())
     }
 
     /// Learns one completion: `duration_ms` from creation to completion.
@@ -291,7 +290,11 @@ mod tests {
         }
         assert!(l.for_model(3).is_none(), "too few samples");
         l.learn(0, 10_000); // model unknown: pooled only
-        assert_eq!(l.for_model(3).unwrap().samples(), MIN_SAMPLES, "pooled");
+        assert_eq!(l.for_model(0).unwrap().samples(), MIN_SAMPLES, "pooled");
+        assert!(
+            l.for_model(3).is_none(),
+            "not the pooled times for a known model"
+        );
         l.learn(3, 10_000);
         assert_eq!(l.for_model(3).unwrap().samples(), MIN_SAMPLES, "its own");
         assert_eq!(l.for_model(0).unwrap().samples(), MIN_SAMPLES + 1);
