@@ -842,6 +842,32 @@ mod tests {
     }
 
     #[test]
+    fn learnt_latencies_are_kept_per_provider_and_copied_on_recreate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .commit(&Batch {
+                put_latencies: vec![
+                    (task_key("mx", "veo"), vec![1, 2, 3]),
+                    (task_key("m", "veo"), vec![4]),
+                ],
+                ..Batch::default()
+            })
+            .unwrap();
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        assert_eq!(store.recreate().unwrap(), 2);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let mut rows = Vec::new();
+        store
+            .for_each_latency("mx", |model, row| {
+                rows.push((model.to_string(), row.to_vec()))
+            })
+            .unwrap();
+        assert_eq!(rows, vec![("veo".to_string(), vec![1, 2, 3])]);
+    }
+
+    #[test]
     fn an_empty_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(DB_FILE), b"").unwrap();
