@@ -649,11 +649,21 @@ impl App {
     }
 }
 
-/// Restores the stored tasks and tombstones of one provider; returns how many tasks.
+/// Restores the stored tasks, tombstones and learnt completion times of one provider;
+/// returns how many tasks.
 fn restore_provider(store: &Store, tasks: &ProviderTasks) -> Result<usize, StoreError> {
     let now = now_millis();
     let mut restorer = tasks.restorer();
     let mut restored = 0;
+    store.for_each_latency(tasks.name(), |model, row| {
+        if !restorer.latencies(model, row) {
+            tracing::warn!(
+                provider = tasks.name(),
+                model,
+                "skipping stored completion times"
+            );
+        }
+    })?;
     store.for_each_task(tasks.name(), |key, record| {
         let Some((_, id)) = store::split_task_key(key) else {
             return;

@@ -110,6 +110,8 @@ struct Held {
     /// `Some(record)` to write, `None` to delete.
     tasks: HashMap<String, Option<Vec<u8>>>,
     tombstones: HashMap<String, Option<i64>>,
+    /// Learnt completion times, the latest of each model.
+    latencies: HashMap<String, Vec<u8>>,
     /// Counter totals, absolute, of every series touched since the last commit.
     staged: Staged,
     /// Number of the latest collection folded in.
@@ -131,10 +133,11 @@ impl Held {
         for k in batch.delete_tombstones {
             self.tombstones.insert(k, None);
         }
+        self.latencies.extend(batch.put_latencies);
     }
 
     fn rows(&self) -> usize {
-        self.tasks.len() + self.tombstones.len()
+        self.tasks.len() + self.tombstones.len() + self.latencies.len()
     }
 
     fn to_batch(&self, metrics: &Metrics) -> Batch {
@@ -151,6 +154,9 @@ impl Held {
                 None => batch.delete_tombstones.push(k.clone()),
             }
         }
+        batch.put_latencies = (self.latencies.iter())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         batch.put_counters = metrics.accounting.encode(&self.staged);
         batch
     }
@@ -474,6 +480,7 @@ impl Persister {
                 &mut batch.delete_tombstones,
                 pending.batch.delete_tombstones,
             );
+            append(&mut batch.put_latencies, pending.batch.put_latencies);
             self.metrics
                 .accounting
                 .stage(&mut staged, provider.name(), &pending.events);

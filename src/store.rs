@@ -1,4 +1,5 @@
-//! The embedded store: tracked tasks, tombstones of finished ones, and counter totals.
+//! The embedded store: tracked tasks, tombstones of finished ones, counter totals, and the
+//! completion times learnt per model.
 //!
 //! redb (pure Rust, copy-on-write B-trees, ACID): a commit is atomic and durable when it
 //! returns, and a `kill -9` at any moment leaves the last committed state. No C library to
@@ -30,6 +31,10 @@ const TOMBSTONES: TableDefinition<&str, &[u8]> = TableDefinition::new("tombstone
 const TOMBSTONES_V1: TableDefinition<&str, i64> = TableDefinition::new("tombstones");
 /// Counter and histogram totals: series key -> encoded value (see `metrics`) + CRC.
 const COUNTERS: TableDefinition<&str, &[u8]> = TableDefinition::new("counters");
+/// Completion times learnt per model (the schedule follows them): `provider \0 model` ->
+/// encoded histogram (see `registry`) + CRC. Added in schema 2 without a version change: a
+/// store without it gets it, empty, when opened.
+const LATENCIES: TableDefinition<&str, &[u8]> = TableDefinition::new("latencies");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// 2: every row ends with a CRC-32 of its key and value.
@@ -159,6 +164,8 @@ pub struct Batch {
     pub put_tombstones: Vec<(String, i64)>,
     pub(crate) delete_tombstones: Vec<String>,
     pub put_counters: Vec<(String, Vec<u8>)>,
+    /// Learnt completion times, by `task_key(provider, model)`.
+    pub put_latencies: Vec<(String, Vec<u8>)>,
 }
 
 impl Batch {
@@ -168,6 +175,7 @@ impl Batch {
             && self.put_tombstones.is_empty()
             && self.delete_tombstones.is_empty()
             && self.put_counters.is_empty()
+            && self.put_latencies.is_empty()
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -176,6 +184,7 @@ impl Batch {
             + self.put_tombstones.len()
             + self.delete_tombstones.len()
             + self.put_counters.len()
+            + self.put_latencies.len()
     }
 }
 
@@ -419,7 +428,7 @@ impl Store {
         let read = from.begin_read().map_err(|e| self.err(e))?;
         let write = to.begin_write().map_err(|e| self.err(e))?;
         let mut copied = 0;
-        for table in [TASKS, TOMBSTONES, COUNTERS] {
+        for table in [TASKS, TOMBSTONES, COUNTERS, LATENCIES] {
             let source = read.open_table(table).map_err(|e| self.err(e))?;
             let mut target = write.open_table(table).map_err(|e| self.err(e))?;
             for row in source.iter().map_err(|e| self.err(e))? {
@@ -467,6 +476,7 @@ impl Store {
             txn.open_table(TASKS).map_err(|e| self.err(e))?;
             txn.open_table(TOMBSTONES).map_err(|e| self.err(e))?;
             txn.open_table(COUNTERS).map_err(|e| self.err(e))?;
+            txn.open_table(LATENCIES).map_err(|e| self.err(e))?;
         }
         txn.commit().map_err(|e| self.err(e))
     }
@@ -511,6 +521,7 @@ impl Store {
             ("tasks", TASKS),
             ("tombstones", TOMBSTONES),
             ("counters", COUNTERS),
+            ("latencies", LATENCIES),
         ] {
             let t = txn.open_table(table).map_err(|e| self.err(e))?;
             for row in t.iter().map_err(|e| self.err(e))? {
@@ -620,6 +631,36 @@ impl Store {
         self.scan_tombstones(Some(provider_range(provider)), f)
     }
 
+    /// Calls `f(model, row)` for every stored completion-time histogram of `provider`.
+    pub fn for_each_latency(
+        &self,
+        provider: &str,
+        mut f: impl FnMut(&str, &[u8]),
+    ) -> Result<(), StoreError> {
+        self.scan(
+            "latencies",
+            LATENCIES,
+            Some(provider_range(provider)),
+            |k, v| {
+                if let Some((_, model)) = split_task_key(k) {
+                    f(model, v);
+                }
+            },
+        )
+    }
+
+    /// Reads the tasks and tombstones of one provider (a provider added by reload).
+    pub fn load_provider(&self, provider: &str) -> Result<Snapshot, StoreError> {
+        let mut snapshot = Snapshot::default();
+        self.for_each_task(provider, |k, v| {
+            snapshot.tasks.push((k.to_string(), v.to_vec()))
+        })?;
+        self.for_each_tombstone(provider, |k, v| {
+            snapshot.tombstones.push((k.to_string(), v))
+        })?;
+        Ok(snapshot)
+    }
+
     /// Deletes tombstones last mentioned before `cutoff` (ms); returns how many.
     pub(crate) fn expire_tombstones(&self, cutoff: i64) -> Result<usize, StoreError> {
         self.guard(|| {
@@ -669,6 +710,12 @@ impl Store {
                 let mut counters = txn.open_table(COUNTERS).map_err(|e| self.err(e))?;
                 for (k, v) in &batch.put_counters {
                     counters
+                        .insert(k.as_str(), seal(k, v).as_slice())
+                        .map_err(|e| self.err(e))?;
+                }
+                let mut latencies = txn.open_table(LATENCIES).map_err(|e| self.err(e))?;
+                for (k, v) in &batch.put_latencies {
+                    latencies
                         .insert(k.as_str(), seal(k, v).as_slice())
                         .map_err(|e| self.err(e))?;
                 }
@@ -789,6 +836,32 @@ mod tests {
             "{err}"
         );
         assert!(err.contains(&store.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn learnt_latencies_are_kept_per_provider_and_copied_on_recreate() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .commit(&Batch {
+                put_latencies: vec![
+                    (task_key("mx", "veo"), vec![1, 2, 3]),
+                    (task_key("m", "veo"), vec![4]),
+                ],
+                ..Batch::default()
+            })
+            .unwrap();
+        std::fs::remove_dir_all(dir.path()).unwrap();
+        assert_eq!(store.recreate().unwrap(), 2);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        let mut rows = Vec::new();
+        store
+            .for_each_latency("mx", |model, row| {
+                rows.push((model.to_string(), row.to_vec()))
+            })
+            .unwrap();
+        assert_eq!(rows, vec![("veo".to_string(), vec![1, 2, 3])]);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - `table`: the slot table, the compact task, its flags and the model table;
 //! - `rules`: track, apply an answer, a failed poll, remove, sweep, tombstones;
 //! - `schedule`: the polling policy, when a task is polled next, the due-time heap;
+//! - `latency`: completion times learnt per model, which the schedule follows;
 //! - `gauges`: the counts behind the scrape-time gauges;
 //! - `pending`: dirty tracking, the persistence work the persister takes;
 //! - `record` and `restore`: the store's task record and start-up;
@@ -21,6 +22,7 @@
 
 mod compact;
 mod gauges;
+mod latency;
 mod pending;
 mod record;
 mod restore;
@@ -322,18 +324,19 @@ impl ProviderTasks {
         lock(&self.inner)
     }
 
-    /// Applies new polling settings (reload). Schedules already set are kept.
+    /// Applies new polling settings (reload). Schedules already set are kept, and so is
+    /// [`set_expect_callbacks`](Self::set_expect_callbacks).
     pub(crate) fn set_polling(&self, polling: &Polling) {
         let mut inner = self.lock();
-        let expect_callbacks = inner.policy.expect_callbacks;
-        inner.policy = Policy::from(polling);
-        inner.policy.expect_callbacks = expect_callbacks;
+        inner.policy = Policy::from(polling).with_callbacks(inner.policy.expect_callbacks);
     }
 
-    /// Whether the provider tells outcomes itself (callbacks, a history walk): tasks are
-    /// then polled only when overdue. Applies to polls planned from now on.
-    pub(crate) fn set_expect_callbacks(&self, expect: bool) {
-        self.lock().policy.expect_callbacks = expect;
+    /// Whether this provider's tasks report their outcome through callbacks: then they are
+    /// not polled on the regular schedule, only once overdue (a lost callback is still
+    /// caught). Applies to polls planned from now on.
+    pub(crate) fn set_expect_callbacks(&self, expect_callbacks: bool) {
+        let mut inner = self.lock();
+        inner.policy = inner.policy.with_callbacks(expect_callbacks);
     }
 
     /// Starts tracking `id`, first poll now. See [`TrackOutcome`].

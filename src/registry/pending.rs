@@ -109,6 +109,18 @@ impl Inner {
             self.write_records(&lazy, LAZY, &mut batch);
             self.lazy_written = std::time::Instant::now();
         }
+        // With the events that learnt them: exactly as durable as the counters.
+        batch.put_latencies = self
+            .latencies
+            .take_changed()
+            .into_iter()
+            .map(|(model, row)| {
+                (
+                    store::task_key(&self.provider, self.models.name(model)),
+                    row,
+                )
+            })
+            .collect();
         batch.delete_tasks = std::mem::take(&mut self.deleted);
         batch.put_tombstones = std::mem::take(&mut self.tombstones_put);
         Pending {

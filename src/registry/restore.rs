@@ -3,7 +3,9 @@
 use std::hash::BuildHasher;
 use std::sync::MutexGuard;
 
+use super::MODEL_OTHER;
 use super::compact::TaskId;
+use super::latency::Histogram;
 use super::record::{DecodeError, decode_task};
 use super::schedule::Next;
 use super::table::{COUNTED, Inner, NO_TIME, id_hash, slot_hasher};
@@ -79,6 +81,22 @@ impl Restorer<'_> {
         for name in names {
             self.inner.models.intern(name);
         }
+    }
+
+    /// Puts back the stored completion times of `model` (its provider's pooled ones under
+    /// `unknown`). Returns false, restoring nothing, when the row cannot be read or the model
+    /// table is full.
+    pub(crate) fn latencies(&mut self, model: &str, row: &[u8]) -> bool {
+        let Some(histogram) = Histogram::decode(row) else {
+            return false;
+        };
+        let inner = &mut *self.inner;
+        let index = inner.models.intern(model);
+        if index == 1 && model != MODEL_OTHER {
+            return false;
+        }
+        inner.latencies.restore(index, histogram);
+        true
     }
 
     /// Restores a tombstone read from the store (start-up).

@@ -109,7 +109,10 @@ impl Inner {
         if t.status.is_terminal() {
             self.plan_late_refund_check(slot, now);
         } else {
-            let due = self.policy.next_poll(t, Next::Answered, now).max(0);
+            let due = self
+                .policy
+                .next_poll(t, Next::Answered, now, &self.latencies)
+                .max(0);
             if due != planned {
                 // The old heap entry goes stale (it no longer matches `next_poll`).
                 self.task_mut(slot).next_poll = due;
@@ -295,8 +298,24 @@ impl Inner {
                 Status::Cancelled => Some(obs.failure_reason.unwrap_or(FailureReason::Cancelled)),
                 _ => Some(obs.failure_reason.unwrap_or(FailureReason::Unspecified)),
             };
-            // From an implausible created_at there is no latency to observe.
+            // From an implausible created_at there is no latency to observe, nor to learn.
             let latency_seconds = obs.latency_seconds().filter(|_| !implausible_created_at);
+            // Whatever told us, the task's completion time is learnt once, with its count
+            // (the end as for the latency: `completed_at`, else `updated_at`; maxapi has
+            // no completion time, docs/providers.md).
+            let t = self.task(slot);
+            let end = if t.completed_at != NO_TIME {
+                t.completed_at
+            } else {
+                t.updated_at
+            };
+            if !implausible_created_at
+                && t.created_at != NO_TIME
+                && end != NO_TIME
+                && end >= t.created_at
+            {
+                self.latencies.learn(model, end - t.created_at);
+            }
             let t = self.task_mut(slot);
             t.set(COUNTED, true);
             t.finished_at = now;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use hashbrown::HashTable;
 
 use super::compact::{TaskId, WORD_OVERFLOW, Words};
+use super::latency::Latencies;
 use super::schedule::{Due, Policy};
 use super::{Event, MODEL_OTHER, MODEL_UNKNOWN, Source};
 use crate::config::{Polling, Shard};
@@ -225,6 +226,8 @@ pub(super) struct Inner {
     /// (retention end, slot, generation) of finished tasks.
     pub(super) expiry: BinaryHeap<Reverse<(i64, u32, u32)>>,
     pub(super) models: ModelTable,
+    /// Completion times learnt per model, for the schedule.
+    pub(super) latencies: Latencies,
     pub(super) words: Words,
     /// Tasks per model index and status.
     pub(super) counts: Vec<[u64; 7]>,
@@ -311,6 +314,7 @@ impl Inner {
             schedule: BinaryHeap::new(),
             expiry: BinaryHeap::new(),
             models: ModelTable::new(max_models),
+            latencies: Latencies::default(),
             words: Words::new(),
             counts: vec![[0; 7]; 2],
             in_flight: BTreeMap::new(),
