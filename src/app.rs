@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::persist::{Durability, Persister};
 use crate::poller;
 use crate::providers::{Adapter, apimall::Apimall, maxapi::Maxapi};
+use crate::proxy::{self, ProviderKind, ProviderProxy, ProxyTable};
 use crate::registry::{ProviderTasks, Registry};
 use crate::store::{self, Store, StoreError};
 use crate::task::now_millis;
@@ -111,6 +112,8 @@ pub struct App {
     reload_hooks: Mutex<Vec<ReloadHook>>,
     /// Drives the pollers' and discovery loops' schedules.
     clock: Clock,
+    /// The providers served under `/proxy/{provider}`, replaced whole on reload.
+    proxies: ProxyTable,
 }
 
 /// One run of a provider's background task, restarted by `background::spawn_supervised`
@@ -197,6 +200,7 @@ impl App {
             reload_lock: tokio::sync::Mutex::new(()),
             reload_hooks: Mutex::new(Vec::new()),
             clock,
+            proxies: ProxyTable::default(),
         });
 
         // Rows are read in place, straight into the registry (rows of providers no longer
@@ -306,7 +310,54 @@ impl App {
         }
         let names: Vec<String> = settings.providers.iter().map(|p| p.name.clone()).collect();
         self.metrics.set_providers(&names);
+        self.apply_proxies(settings);
         *write(&self.settings) = Arc::new(settings.clone());
+    }
+
+    /// Builds the proxies of the providers with `proxy.enabled` and swaps them in at once.
+    /// A proxy is cheap to build (its client pools connections lazily), so a reload builds
+    /// them all again; requests in flight finish on the proxy they started with.
+    fn apply_proxies(&self, settings: &Settings) {
+        let proxies: Vec<ProviderProxy> = settings
+            .providers
+            .iter()
+            .filter(|p| p.proxy.enabled)
+            .filter_map(|p| {
+                let observer = Arc::new(proxy::Traffic::new(
+                    self.registry.clone(),
+                    self.metrics.clone(),
+                    adapter_for(p),
+                    self.clock,
+                ));
+                let kind = match p.kind {
+                    ProviderType::Maxapi => ProviderKind::Maxapi,
+                    ProviderType::Apimall => ProviderKind::Apimall,
+                };
+                ProviderProxy::new(
+                    p.name.clone(),
+                    kind,
+                    &p.base_url,
+                    &p.proxy,
+                    p.failure_rules.clone(),
+                    observer,
+                )
+                .inspect_err(|e| {
+                    tracing::error!(provider = %p.name, error = %e, "cannot serve the proxy of this provider")
+                })
+                .ok()
+            })
+            .collect();
+        let before = self.proxies.names();
+        self.proxies.replace(proxies);
+        let after = self.proxies.names();
+        if before != after {
+            tracing::info!(providers = ?after, "proxy serving /proxy/{{provider}}");
+        }
+    }
+
+    /// The proxied providers, for the `/proxy/...` routes.
+    pub fn proxies(&self) -> ProxyTable {
+        self.proxies.clone()
     }
 
     fn start_provider(&self, p: &ProviderSettings, tasks: Arc<ProviderTasks>) -> ProviderRuntime {

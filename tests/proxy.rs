@@ -277,12 +277,24 @@ impl Setup {
     async fn start(adjust: impl Fn(&mut ProxySettings)) -> Setup {
         let (upstream, upstream_state) = start_upstream().await;
         let recorder = Arc::new(Recorder::default());
-        let mut maxapi = ProxySettings::new(format!("http://{upstream}"));
+        let mut maxapi = ProxySettings::default();
         adjust(&mut maxapi);
-        let apimall = ProxySettings::new(format!("http://{upstream}/gw/"));
+        let apimall = ProxySettings::default();
         let table = ProxyTable::new([
-            proxy("maxapi", ProviderKind::Maxapi, &maxapi, &recorder),
-            proxy("apimall", ProviderKind::Apimall, &apimall, &recorder),
+            proxy(
+                "maxapi",
+                ProviderKind::Maxapi,
+                &format!("http://{upstream}"),
+                &maxapi,
+                &recorder,
+            ),
+            proxy(
+                "apimall",
+                ProviderKind::Apimall,
+                &format!("http://{upstream}/gw/"),
+                &apimall,
+                &recorder,
+            ),
         ]);
         let proxy = serve(router(table)).await;
         Setup {
@@ -309,11 +321,20 @@ impl Setup {
 fn proxy(
     name: &str,
     kind: ProviderKind,
+    base_url: &str,
     settings: &ProxySettings,
     recorder: &Arc<Recorder>,
 ) -> ProviderProxy {
     let observer: Arc<dyn ProxyObserver> = Arc::clone(recorder) as Arc<dyn ProxyObserver>;
-    ProviderProxy::new(name, kind, settings, FailureRules::defaults(), observer).unwrap()
+    ProviderProxy::new(
+        name,
+        kind,
+        base_url,
+        settings,
+        FailureRules::defaults(),
+        observer,
+    )
+    .unwrap()
 }
 
 fn client() -> reqwest::Client {
@@ -695,8 +716,13 @@ async fn closed_upstream_port_is_a_502_without_secrets() {
     let closed_addr = closed.local_addr().unwrap();
     drop(closed);
     let recorder = Arc::new(Recorder::default());
-    let settings = ProxySettings::new(format!("http://{closed_addr}"));
-    let table = ProxyTable::new([proxy("maxapi", ProviderKind::Maxapi, &settings, &recorder)]);
+    let table = ProxyTable::new([proxy(
+        "maxapi",
+        ProviderKind::Maxapi,
+        &format!("http://{closed_addr}"),
+        &ProxySettings::default(),
+        &recorder,
+    )]);
     let proxy_addr = serve(router(table)).await;
     let response = client()
         .post(format!(
@@ -871,12 +897,12 @@ async fn a_stuck_or_failing_observer_changes_no_answer() {
         release: Mutex::new(released),
         calls: AtomicUsize::new(0),
     });
-    let settings = ProxySettings::new(format!("http://{upstream}"));
     let observer: Arc<dyn ProxyObserver> = Arc::clone(&stuck) as Arc<dyn ProxyObserver>;
     let table = ProxyTable::new([ProviderProxy::new(
         "maxapi",
         ProviderKind::Maxapi,
-        &settings,
+        &format!("http://{upstream}"),
+        &ProxySettings::default(),
         FailureRules::defaults(),
         observer,
     )

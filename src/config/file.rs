@@ -205,7 +205,7 @@ impl Default for ProxyFile {
         let settings = super::ProxySettings::default();
         ProxyFile {
             enabled: settings.enabled,
-            max_request_body_bytes: settings.max_request_body_bytes as u64,
+            max_request_body_bytes: settings.max_request_body_bytes,
             timeout: HumanDuration(settings.timeout),
         }
     }

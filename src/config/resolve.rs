@@ -415,19 +415,15 @@ fn resolve_provider(
         Some(MIN_POSITIVE),
         &mut |path, m| problem(path.to_string(), m),
     );
-    let max_request_body_bytes = match usize::try_from(proxy.max_request_body_bytes) {
-        Ok(0) | Err(_) => {
-            problem(
-                format!("{at}.proxy.max_request_body_bytes"),
-                format!("must be between 1 and {}", usize::MAX),
-            );
-            0
-        }
-        Ok(bytes) => bytes,
-    };
+    if proxy.max_request_body_bytes == 0 {
+        problem(
+            format!("{at}.proxy.max_request_body_bytes"),
+            "must be at least 1".to_string(),
+        );
+    }
     let proxy = ProxySettings {
         enabled: proxy.enabled,
-        max_request_body_bytes,
+        max_request_body_bytes: proxy.max_request_body_bytes,
         timeout: proxy.timeout.0,
     };
     let webhook_confirm = p

@@ -105,11 +105,15 @@ pub struct ProviderSettings {
     pub proxy: ProxySettings,
 }
 
-/// The reverse proxy to the provider's `base_url` (`providers[].proxy`).
+/// The reverse proxy to the provider's `base_url` (`providers[].proxy`); also what
+/// `crate::proxy::ProviderProxy` is built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProxySettings {
     pub enabled: bool,
-    pub max_request_body_bytes: usize,
+    /// Largest request body passed upstream (a submit request carries its input images).
+    pub max_request_body_bytes: u64,
+    /// Time for the upstream to answer with headers (the request body's upload included);
+    /// also the longest pause between two reads of the answer body.
     pub timeout: Duration,
 }
 

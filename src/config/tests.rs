@@ -348,7 +348,7 @@ fn every_unusable_value_is_refused_with_its_key_path() {
         (
             provider("    proxy: {max_request_body_bytes: 0}"),
             "providers[0].proxy.max_request_body_bytes",
-            "between 1 and",
+            "at least 1",
         ),
     ];
     for (text, path, fragment) in cases {

@@ -1,6 +1,6 @@
 //! The HTTP side: one router for `/metrics`, the landing page, health, the tasks API,
-//! reload and provider callbacks. Handlers only read the registry and the metrics, or hand
-//! requests to them.
+//! reload, provider callbacks and the proxy. Handlers only read the registry and the
+//! metrics, or hand requests to them.
 
 mod api;
 mod landing;
@@ -17,6 +17,7 @@ use axum::routing::{delete, get, post};
 use tower_http::timeout::TimeoutLayer;
 
 use crate::app::App;
+use crate::proxy;
 
 /// Largest request body we accept anywhere (webhooks, task registration).
 pub const MAX_REQUEST_BODY: usize = 1024 * 1024;
@@ -40,7 +41,10 @@ pub fn router(app: Arc<App>) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             REQUEST_TIMEOUT,
         ))
-        .with_state(app)
+        .with_state(app.clone())
+        // Merged after the layers: proxied bodies are streamed under the proxy's own limit
+        // and timeout (`providers[].proxy`), not the 1 MiB / 30 s of the exporter's routes.
+        .merge(proxy::router(app.proxies()))
 }
 
 /// Renders on the blocking pool. A failed render (an encoder error, or a panic) is a 500

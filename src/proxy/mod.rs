@@ -18,10 +18,11 @@ mod body;
 mod classify;
 mod observe;
 mod path;
+mod traffic;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -34,6 +35,8 @@ use bytes::Bytes;
 
 use crate::providers::reasons::FailureRules;
 
+/// One settings type for the file and the proxy: `providers[].proxy` as resolved.
+pub use crate::config::ProxySettings;
 pub use classify::{ProviderKind, ProxyCode, ProxyEndpoint};
 pub use observe::{
     ProxyObserver, Refusal, RejectReason, Submission, SubmitOutcome, TaskAnswer, parse_submit,
@@ -42,36 +45,12 @@ pub use path::PathError;
 
 use body::{LimitedBody, OnFinish, TeeBody};
 use path::Base;
+pub(crate) use traffic::Traffic;
 
-/// Default request body limit: image and audio uploads go through submit requests.
-pub const DEFAULT_MAX_REQUEST_BODY_BYTES: u64 = 64 * 1024 * 1024;
-/// Default time for the upstream to take the request body and answer with headers.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest answer copied for the observer; task and submit answers are a few KiB.
 pub const MAX_OBSERVED_BODY_BYTES: usize = 256 * 1024;
 /// Shortest interval between two log lines of the same kind of fault for one provider.
 const LOG_INTERVAL_SECS: u64 = 10;
-
-/// One provider's proxy settings (`providers[].proxy` with the provider's `base_url`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ProxySettings {
-    pub base_url: String,
-    pub max_request_body_bytes: u64,
-    /// Time for the upstream to answer with headers (the request body's upload included);
-    /// also the longest pause between two reads of the answer body.
-    pub timeout: Duration,
-}
-
-impl ProxySettings {
-    /// `base_url` with the default limit and timeout.
-    pub fn new(base_url: impl Into<String>) -> Self {
-        ProxySettings {
-            base_url: base_url.into(),
-            max_request_body_bytes: DEFAULT_MAX_REQUEST_BODY_BYTES,
-            timeout: DEFAULT_TIMEOUT,
-        }
-    }
-}
 
 /// Settings that cannot be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -211,15 +190,17 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 impl ProviderProxy {
     /// `name` is the provider's configured name (the `provider` label and the path segment
-    /// after `/proxy/`); `rules` classify rejection messages like task failure messages.
+    /// after `/proxy/`); requests go to `base_url` only; `rules` classify rejection messages
+    /// like task failure messages. `settings.enabled` is the caller's business.
     pub fn new(
         name: impl Into<String>,
         kind: ProviderKind,
+        base_url: &str,
         settings: &ProxySettings,
         rules: FailureRules,
         observer: Arc<dyn ProxyObserver>,
     ) -> Result<Self, ProxySetupError> {
-        let base = Base::parse(&settings.base_url).ok_or(ProxySetupError::BadBaseUrl)?;
+        let base = Base::parse(base_url).ok_or(ProxySetupError::BadBaseUrl)?;
         if settings.timeout.is_zero() {
             return Err(ProxySetupError::ZeroTimeout);
         }
@@ -461,29 +442,63 @@ fn spawn_or_run(work: impl FnOnce() + Send + 'static) {
     }
 }
 
-/// The configured proxies by provider name.
+/// The configured proxies by provider name. Clones share one table, which a reload
+/// replaces whole ([`ProxyTable::replace`]); a request in flight keeps the proxy it started
+/// with.
 #[derive(Debug, Clone, Default)]
 pub struct ProxyTable {
-    providers: Arc<HashMap<String, Arc<ProviderProxy>>>,
+    providers: Arc<RwLock<Arc<ProxyMap>>>,
+}
+
+type ProxyMap = HashMap<String, Arc<ProviderProxy>>;
+
+fn to_map(proxies: impl IntoIterator<Item = ProviderProxy>) -> Arc<ProxyMap> {
+    Arc::new(
+        proxies
+            .into_iter()
+            .map(|proxy| (proxy.name.clone(), Arc::new(proxy)))
+            .collect(),
+    )
 }
 
 impl ProxyTable {
     pub fn new(proxies: impl IntoIterator<Item = ProviderProxy>) -> Self {
-        let providers = proxies
-            .into_iter()
-            .map(|proxy| (proxy.name.clone(), Arc::new(proxy)))
-            .collect();
         ProxyTable {
-            providers: Arc::new(providers),
+            providers: Arc::new(RwLock::new(to_map(proxies))),
         }
     }
 
-    pub fn get(&self, provider: &str) -> Option<&Arc<ProviderProxy>> {
-        self.providers.get(provider)
+    /// Swaps in a new set of proxies at once, for every clone of this table.
+    pub fn replace(&self, proxies: impl IntoIterator<Item = ProviderProxy>) {
+        let map = to_map(proxies);
+        *self
+            .providers
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = map;
+    }
+
+    fn current(&self) -> Arc<ProxyMap> {
+        Arc::clone(
+            &self
+                .providers
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+    }
+
+    pub fn get(&self, provider: &str) -> Option<Arc<ProviderProxy>> {
+        self.current().get(provider).cloned()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.providers.is_empty()
+        self.current().is_empty()
+    }
+
+    /// The proxied providers' names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.current().keys().cloned().collect();
+        names.sort();
+        names
     }
 }
 
@@ -515,10 +530,7 @@ async fn handle(State(table): State<ProxyTable>, request: Request) -> Response {
         return error_response(StatusCode::NOT_FOUND, "not found");
     };
     match table.get(provider) {
-        Some(proxy) => {
-            let proxy = Arc::clone(proxy);
-            proxy.forward(rest, request).await
-        }
+        Some(proxy) => proxy.forward(rest, request).await,
         None => error_response(StatusCode::NOT_FOUND, "no proxy for this provider"),
     }
 }
@@ -587,28 +599,57 @@ mod tests {
     #[test]
     fn settings_are_checked() {
         let observer: Arc<dyn ProxyObserver> = Arc::new(NoObserver);
-        let new = |settings: &ProxySettings| {
+        let new = |base_url: &str, settings: &ProxySettings| {
             ProviderProxy::new(
                 "p",
                 ProviderKind::Maxapi,
+                base_url,
                 settings,
                 FailureRules::defaults(),
                 Arc::clone(&observer),
             )
             .map(|_| ())
         };
-        assert_eq!(new(&ProxySettings::new("https://api.maxapi.io")), Ok(()));
+        let defaults = ProxySettings::default();
+        assert_eq!(new("https://api.maxapi.io", &defaults), Ok(()));
         assert_eq!(
-            new(&ProxySettings::new("https://key@api.maxapi.io")),
+            new("https://key@api.maxapi.io", &defaults),
             Err(ProxySetupError::BadBaseUrl)
         );
-        let mut zero = ProxySettings::new("https://api.maxapi.io");
-        zero.timeout = Duration::ZERO;
-        assert_eq!(new(&zero), Err(ProxySetupError::ZeroTimeout));
+        let zero = ProxySettings {
+            timeout: Duration::ZERO,
+            ..ProxySettings::default()
+        };
         assert_eq!(
-            ProxySettings::new("x").max_request_body_bytes,
-            64 * 1024 * 1024
+            new("https://api.maxapi.io", &zero),
+            Err(ProxySetupError::ZeroTimeout)
         );
+        assert_eq!(defaults.max_request_body_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn a_replaced_table_is_seen_by_every_clone() {
+        let observer: Arc<dyn ProxyObserver> = Arc::new(NoObserver);
+        let make = |name: &str| {
+            ProviderProxy::new(
+                name,
+                ProviderKind::Maxapi,
+                "http://127.0.0.1:1",
+                &ProxySettings::default(),
+                FailureRules::defaults(),
+                Arc::clone(&observer),
+            )
+            .unwrap()
+        };
+        let table = ProxyTable::new([make("a")]);
+        let served = table.clone();
+        let held = served.get("a").expect("a is proxied");
+        table.replace([make("b")]);
+        assert!(served.get("a").is_none());
+        assert_eq!(served.names(), ["b"]);
+        assert_eq!(held.name(), "a", "a request in flight keeps its proxy");
+        table.replace([]);
+        assert!(served.is_empty());
     }
 
     #[tokio::test]

@@ -76,15 +76,18 @@ pub enum Source {
     Api,
     Webhook,
     History,
+    /// A submit or get-task answer the application received through the proxy.
+    Proxy,
 }
 
 impl Source {
-    pub const ALL: [Source; 5] = [
+    pub const ALL: [Source; 6] = [
         Source::Static,
         Source::File,
         Source::Api,
         Source::Webhook,
         Source::History,
+        Source::Proxy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -94,6 +97,7 @@ impl Source {
             Source::Api => "api",
             Source::Webhook => "webhook",
             Source::History => "history",
+            Source::Proxy => "proxy",
         }
     }
 }
@@ -346,6 +350,40 @@ impl ProviderTasks {
         if let Some(slot) = inner.slot_of(id) {
             inner.record_poll(slot, answer, now);
         } // else deleted while the request was in flight
+    }
+
+    /// Tracks `id`, learnt from the application's traffic through the proxy, as
+    /// [`track`](Self::track) does with [`Source::Proxy`], but plans our first poll one
+    /// interval away instead of now: the application is expected to poll it, and its answers
+    /// postpone ours (see [`record_application_poll`](Self::record_application_poll)).
+    pub fn track_from_proxy(&self, id: &str, now: i64) -> TrackOutcome {
+        let mut inner = self.lock();
+        let outcome = inner.track(id, Source::Proxy, now);
+        if outcome == TrackOutcome::New
+            && let Some(slot) = inner.slot_of(id)
+        {
+            inner.task_mut(slot).next_poll = table::NEVER;
+            inner.plan_next_poll(slot, schedule::Next::Answered, now);
+        }
+        outcome
+    }
+
+    /// A get-task answer the application received through the proxy: applied like the
+    /// answer to one of our polls (same accounting), and our next poll is planned from it,
+    /// later as well as earlier, so a task the application keeps polling is not polled by
+    /// us while its answers keep coming. `None` when `obs.task_id` is not tracked; otherwise
+    /// whether this answer is the one that counted the task's terminal outcome.
+    pub fn record_application_poll(&self, obs: &Observation, now: i64) -> Option<bool> {
+        let mut inner = self.lock();
+        let slot = inner.slot_of(&obs.task_id)?;
+        let counted_before = inner.task(slot).has(table::COUNTED);
+        // Drop the planned poll; its heap entry goes stale and is skipped when it surfaces.
+        inner.task_mut(slot).next_poll = table::NEVER;
+        inner.record_poll(slot, Ok(obs), now);
+        let counted_now = inner
+            .slot_of(&obs.task_id)
+            .is_some_and(|slot| inner.task(slot).has(table::COUNTED));
+        Some(counted_now && !counted_before)
     }
 
     /// Asks for one poll of `id` now (a callback arrived: confirm it).

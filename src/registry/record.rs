@@ -163,12 +163,29 @@ pub(super) fn decode_task(bytes: &[u8]) -> Result<DecodedTask<'_>, DecodeError> 
     })
 }
 
+/// The store byte of each source. Records on disk hold these: a byte never changes
+/// meaning, a new source takes the next free one.
 fn source_to_byte(source: Source) -> u8 {
-    source as u8
+    match source {
+        Source::Static => 0,
+        Source::File => 1,
+        Source::Api => 2,
+        Source::Webhook => 3,
+        Source::History => 4,
+        Source::Proxy => 5,
+    }
 }
 
+/// An unknown byte (a newer version's source) reads as `api`.
 fn source_from_byte(b: u8) -> Source {
-    Source::ALL.get(b as usize).copied().unwrap_or(Source::Api)
+    match b {
+        0 => Source::Static,
+        1 => Source::File,
+        3 => Source::Webhook,
+        4 => Source::History,
+        5 => Source::Proxy,
+        _ => Source::Api,
+    }
 }
 
 #[cfg(test)]
@@ -176,6 +193,16 @@ mod tests {
     use super::*;
     use crate::registry::test_support::{completed, obs, tasks};
     use crate::store;
+
+    #[test]
+    fn source_bytes_are_stable() {
+        let bytes: Vec<u8> = Source::ALL.iter().map(|&s| source_to_byte(s)).collect();
+        assert_eq!(bytes, [0, 1, 2, 3, 4, 5]);
+        for source in Source::ALL {
+            assert_eq!(source_from_byte(source_to_byte(source)), source);
+        }
+        assert_eq!(source_from_byte(200), Source::Api);
+    }
 
     #[test]
     fn records_round_trip_through_the_store_encoding() {

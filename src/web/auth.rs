@@ -142,8 +142,20 @@ fn unauthorized() -> Response {
         .into_response()
 }
 
-/// The middleware: rate limit, basic auth, headers.
+/// The proxy route (`/proxy/{provider}/...`) authenticates with the provider key the
+/// application sends, which the upstream checks; its answers go back unchanged.
+fn is_proxied(request: &Request) -> bool {
+    request.uri().path().starts_with("/proxy/")
+}
+
+/// The middleware: rate limit, basic auth, headers. Proxied requests pass untouched (TLS
+/// still applies): one `Authorization` header cannot carry both basic auth and the
+/// application's provider key, and a 401 or 429 of ours, or an added header, would change
+/// what the application gets from its provider.
 pub async fn guard(State(web): State<Arc<Web>>, request: Request, next: Next) -> Response {
+    if is_proxied(&request) {
+        return next.run(request).await;
+    }
     let config = web.config();
     let mut response = if !web.limiter.allow(config.rate_limit) {
         (StatusCode::TOO_MANY_REQUESTS, "Too Many Requests\n").into_response()
