@@ -160,7 +160,11 @@ async fn engine(upstream: SocketAddr) {
     let proxy = ProviderProxy::new(
         "maxapi",
         ProviderKind::Maxapi,
-        &ProxySettings::new(format!("http://{upstream}")),
+        &format!("http://{upstream}"),
+        &ProxySettings {
+            enabled: true,
+            ..ProxySettings::default()
+        },
         FailureRules::defaults(),
         Arc::new(IgnoreObserver),
     )
