@@ -19,6 +19,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod discovery;
+pub mod forward;
 pub mod http;
 pub mod logging;
 pub mod metrics;
