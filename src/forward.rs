@@ -13,10 +13,10 @@
 //! refused it: invalid, or owned by another shard), `failed` (retries exhausted) or
 //! `dropped` (queue full).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Semaphore, mpsc};
@@ -28,6 +28,9 @@ use crate::shard::shard_of;
 
 /// Ids waiting for delivery; past this, new ids are dropped and counted.
 pub const QUEUE_CAPACITY: usize = 10_000;
+/// Ids queued once are not queued again (the application polls a task many times) until
+/// this many have been remembered; then the memory starts over.
+const RECENT_CAPACITY: usize = 50_000;
 /// Ids per registration call (the API takes up to 10,000).
 const MAX_BATCH: usize = 1_000;
 /// Deliveries in flight at once, each to one peer address.
@@ -94,6 +97,8 @@ pub struct Forwarder {
     shard: Shard,
     metrics: Arc<Metrics>,
     drops_log: LogGate,
+    /// `provider \0 task_id` of ids queued lately.
+    recent: Mutex<HashSet<String>>,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -158,13 +163,23 @@ impl Forwarder {
             shard,
             metrics,
             drops_log: LogGate::default(),
+            recent: Mutex::new(HashSet::new()),
         })
     }
 
     /// Queues `task_id` of `provider` for the replicas of its owner shard (every HA copy of
-    /// it; this replica skips itself). Never blocks: with the queue full the id is dropped,
+    /// it; this replica skips itself); an id queued lately is not queued again. Never blocks: with the queue full the id is dropped,
     /// counted and logged (rate-limited); the owner's other discovery sources still apply.
     pub fn forward_to_owner(&self, provider: &str, task_id: &str) {
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() >= RECENT_CAPACITY {
+                recent.clear();
+            }
+            if !recent.insert(format!("{provider}\0{task_id}")) {
+                return;
+            }
+        }
         let item = Queued {
             provider: provider.to_string(),
             task_id: task_id.to_string(),
