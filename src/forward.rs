@@ -473,6 +473,211 @@ mod tests {
         assert!(!is_local("192.0.2.1".parse().unwrap()));
     }
 
+    use std::collections::VecDeque;
+
+    use axum::http::{HeaderMap, StatusCode};
+
+    use crate::metrics::Family;
+
+    /// A peer's registration API answering from a script (the last answer repeats), and
+    /// what it received: the `Authorization` value and the ids of each call.
+    #[derive(Default)]
+    struct FakePeer {
+        answers: Mutex<VecDeque<StatusCode>>,
+        calls: Mutex<Vec<(String, Vec<String>)>>,
+    }
+
+    async fn start_peer(answers: &[StatusCode]) -> (SocketAddr, Arc<FakePeer>) {
+        let peer = Arc::new(FakePeer {
+            answers: Mutex::new(answers.iter().copied().collect()),
+            ..FakePeer::default()
+        });
+        let state = Arc::clone(&peer);
+        let app = axum::Router::new().route(
+            "/api/v1/tasks",
+            axum::routing::post(
+                move |headers: HeaderMap, axum::Json(body): axum::Json<serde_json::Value>| {
+                    let peer = Arc::clone(&state);
+                    async move {
+                        let auth = headers
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string();
+                        let ids: Vec<String> = body["task_ids"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect();
+                        let added = ids.len();
+                        peer.calls.lock().unwrap().push((auth, ids));
+                        let mut answers = peer.answers.lock().unwrap();
+                        let status = if answers.len() > 1 {
+                            answers.pop_front().unwrap()
+                        } else {
+                            answers.front().copied().unwrap_or(StatusCode::OK)
+                        };
+                        (
+                            status,
+                            axum::Json(serde_json::json!({
+                                "added": added, "already_tracked": 0, "already_finished": 0,
+                                "other_shard": 0, "invalid": 0
+                            })),
+                        )
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (addr, peer)
+    }
+
+    /// Counts by outcome, gathered from the metrics' pending counts.
+    #[derive(Default)]
+    struct Counted(std::collections::HashMap<String, f64>);
+
+    impl Counted {
+        fn take(&mut self, metrics: &Metrics) {
+            for (key, value) in metrics.take_pending_counts().counters {
+                if key.family == Family::ProxyForwarded {
+                    *self.0.entry(key.labels[0].clone()).or_default() += value;
+                }
+            }
+        }
+        fn get(&self, outcome: &str) -> f64 {
+            self.0.get(outcome).copied().unwrap_or(0.0)
+        }
+    }
+
+    /// Waits until `outcome` has been counted `value` times; returns every count.
+    async fn until_counted(metrics: &Metrics, outcome: &str, value: f64) -> Counted {
+        let mut counted = Counted::default();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            counted.take(metrics);
+            if counted.get(outcome) >= value {
+                return counted;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{outcome}: {:?}",
+                counted.0
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A forwarder of shard 0 of 2 whose peers are all at `peer` (`127.0.0.{index}`: only
+    /// shard 1's ids are used, which go to 127.0.0.1).
+    fn forwarder(peer: SocketAddr, metrics: &Arc<Metrics>) -> Arc<Forwarder> {
+        let template =
+            PeerTemplate::parse(&format!("http://127.0.0.{{index}}:{}", peer.port()), 2).unwrap();
+        Forwarder::start_with_backoff(
+            template,
+            Shard { index: 0, count: 2 },
+            "0.0.0.0:9850".parse().unwrap(),
+            Secret::new("peer-token"),
+            Arc::clone(metrics),
+            Duration::from_millis(1),
+        )
+    }
+
+    fn ids_of_shard_1(n: usize) -> Vec<String> {
+        (0u32..)
+            .map(|i| format!("task-{i}"))
+            .filter(|id| shard_of("mx", id, 2) == 1)
+            .take(n)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn ids_reach_the_owner_once_each_with_the_token() {
+        let (addr, peer) = start_peer(&[StatusCode::OK]).await;
+        let metrics = Arc::new(Metrics::new(vec![1.0]));
+        let forwarder = forwarder(addr, &metrics);
+        let ids = ids_of_shard_1(3);
+        for id in ids.iter().chain(&ids) {
+            forwarder.forward_to_owner("mx", id);
+        }
+        let counted = until_counted(&metrics, DELIVERED, 3.0).await;
+        assert_eq!(counted.get(DELIVERED), 3.0);
+        let calls = peer.calls.lock().unwrap().clone();
+        let mut received: Vec<String> = calls.iter().flat_map(|(_, ids)| ids.clone()).collect();
+        received.sort();
+        let mut expected = ids.clone();
+        expected.sort();
+        assert_eq!(received, expected, "each id once");
+        assert!(calls.iter().all(|(auth, _)| auth == "Bearer peer-token"));
+    }
+
+    #[tokio::test]
+    async fn transient_refusals_are_retried_until_delivered() {
+        let answers = [
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::OK,
+        ];
+        let (addr, peer) = start_peer(&answers).await;
+        let metrics = Arc::new(Metrics::new(vec![1.0]));
+        let forwarder = forwarder(addr, &metrics);
+        forwarder.forward_to_owner("mx", &ids_of_shard_1(1)[0]);
+        let counted = until_counted(&metrics, DELIVERED, 1.0).await;
+        assert_eq!(counted.get(FAILED) + counted.get(REJECTED), 0.0);
+        assert_eq!(peer.calls.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_refused_token_is_rejected_at_once() {
+        let (addr, peer) = start_peer(&[StatusCode::UNAUTHORIZED]).await;
+        let metrics = Arc::new(Metrics::new(vec![1.0]));
+        let forwarder = forwarder(addr, &metrics);
+        forwarder.forward_to_owner("mx", &ids_of_shard_1(1)[0]);
+        let counted = until_counted(&metrics, REJECTED, 1.0).await;
+        assert_eq!(counted.get(DELIVERED), 0.0);
+        assert_eq!(peer.calls.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stays_down_fails_after_the_bounded_attempts() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let metrics = Arc::new(Metrics::new(vec![1.0]));
+        let forwarder = forwarder(addr, &metrics);
+        forwarder.forward_to_owner("mx", &ids_of_shard_1(1)[0]);
+        let counted = until_counted(&metrics, FAILED, 1.0).await;
+        assert_eq!(counted.get(DELIVERED), 0.0);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_peer_never_blocks_the_proxy_and_excess_ids_are_dropped() {
+        // Accepts connections and never answers: every delivery waits for its timeout.
+        let stalled = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = stalled.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = stalled.accept().await {
+                held.push(stream);
+            }
+        });
+        let metrics = Arc::new(Metrics::new(vec![1.0]));
+        let forwarder = forwarder(addr, &metrics);
+        // More than the queue plus what the deliveries in flight hold.
+        let n = QUEUE_CAPACITY + (MAX_DELIVERIES + 2) * MAX_BATCH + 1_000;
+        let ids = ids_of_shard_1(n);
+        let started = std::time::Instant::now();
+        for id in &ids {
+            forwarder.forward_to_owner("mx", id);
+        }
+        assert!(started.elapsed() < REQUEST_TIMEOUT, "forwarding blocked");
+        let counted = until_counted(&metrics, DROPPED, 1.0).await;
+        assert!(counted.get(DROPPED) <= n as f64);
+        assert_eq!(counted.get(DELIVERED), 0.0);
+    }
+
     #[test]
     fn only_transient_answers_are_retried() {
         use reqwest::StatusCode;
