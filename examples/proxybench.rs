@@ -72,6 +72,7 @@ struct RunArgs {
 
 fn main() {
     let cli = Cli::parse();
+    genai_task_exporter::upstream::install_crypto_provider();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
