@@ -189,7 +189,10 @@ struct Server {
 impl Drop for Server {
     fn drop(&mut self) {
         if self.kill_on_drop {
-            let _ = self.child.kill();
+            // SIGTERM, not SIGKILL: nginx's master then stops its workers too.
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
         }
         drop(self.child.stdin.take());
         let _ = self.child.wait();
