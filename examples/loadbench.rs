@@ -238,6 +238,7 @@ fn settings(state: &Path, upstream: SocketAddr, polling: Polling) -> Settings {
         max_models_per_provider: 50,
         latency_buckets: DEFAULT_LATENCY_BUCKETS.to_vec(),
         shard: Shard::default(),
+        peer_url_template: None,
         providers: vec![ProviderSettings {
             name: PROVIDER.into(),
             kind: ProviderType::Maxapi,

@@ -14,6 +14,7 @@ use crate::background::{self, Worker, lock, read, write};
 use crate::clock::Clock;
 use crate::config::{self, ConfigError, Overrides, ProviderSettings, ProviderType, Settings};
 use crate::discovery;
+use crate::forward::{Forwarder, PeerTemplate};
 use crate::metrics::Metrics;
 use crate::persist::{Durability, Persister};
 use crate::poller;
@@ -114,6 +115,8 @@ pub struct App {
     clock: Clock,
     /// The providers served under `/proxy/{provider}`, replaced whole on reload.
     proxies: ProxyTable,
+    /// Sends ids seen through the proxy to the replicas that own them.
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 /// One run of a provider's background task, restarted by `background::spawn_supervised`
@@ -121,6 +124,20 @@ pub struct App {
 type BoxedRun = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 /// Builds a new run of a background task.
 type MakeRun = Box<dyn FnMut() -> BoxedRun + Send>;
+
+/// The forwarder of `sharding.peer_url_template` (checked with the configuration).
+fn forwarder_for(settings: &Settings, metrics: &Arc<Metrics>) -> Option<Arc<Forwarder>> {
+    let template = settings.peer_url_template.as_deref()?;
+    let template = PeerTemplate::parse(template, settings.shard.count.max(1)).ok()?;
+    let token = settings.api_token.clone()?;
+    Some(Forwarder::start(
+        template,
+        settings.shard,
+        settings.listen_address,
+        token,
+        metrics.clone(),
+    ))
+}
 
 /// Re-reads something on reload; an error is reported like a configuration error.
 pub(crate) type ReloadHook = Box<dyn Fn() -> Result<(), ConfigError> + Send + Sync>;
@@ -184,7 +201,9 @@ impl App {
             metrics.clone(),
             durability.clone(),
         );
+        let forwarder = forwarder_for(&settings, &metrics);
         let app = Arc::new(App {
+            forwarder,
             registry,
             metrics,
             durability,
@@ -333,7 +352,7 @@ impl App {
                     self.metrics.clone(),
                     adapter_for(p),
                     self.clock,
-                ));
+                ).with_forwarder(self.forwarder.clone()));
                 let kind = match p.kind {
                     ProviderType::Maxapi => ProviderKind::Maxapi,
                     ProviderType::Apimall => ProviderKind::Apimall,
@@ -542,7 +561,11 @@ impl App {
                         settings.listen_address != current.listen_address,
                     ),
                     ("state.path", settings.state_path != current.state_path),
-                    ("sharding", settings.shard != current.shard),
+                    (
+                        "sharding",
+                        settings.shard != current.shard
+                            || settings.peer_url_template != current.peer_url_template,
+                    ),
                     (
                         "metrics",
                         settings.latency_buckets != current.latency_buckets

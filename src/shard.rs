@@ -31,7 +31,7 @@ pub(crate) fn jump_hash(mut key: u64, buckets: u32) -> u32 {
 }
 
 /// The shard owning `task_id` of `provider` among `count` shards.
-pub(crate) fn shard_of(provider: &str, task_id: &str, count: u32) -> u32 {
+pub fn shard_of(provider: &str, task_id: &str, count: u32) -> u32 {
     let mut key = Vec::with_capacity(provider.len() + 1 + task_id.len());
     key.extend_from_slice(provider.as_bytes());
     key.push(0);

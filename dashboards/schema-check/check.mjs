@@ -50,11 +50,14 @@ const CONTRACT_METRICS = [
   "genai_exporter_shard_info",
   "genai_exporter_store_up",
   "genai_exporter_store_errors_total",
+  "genai_proxy_requests_total",
+  "genai_proxy_submit_rejections_total",
 ];
 const CONTRACT_HISTOGRAMS = [
   "genai_task_completion_latency_seconds",
   "genai_upstream_request_duration_seconds",
   "genai_task_detection_delay_seconds",
+  "genai_proxy_request_duration_seconds",
 ];
 // The standard process collector.
 const PROCESS_METRICS = [

@@ -102,11 +102,18 @@ impl Default for MetricsFile {
 pub(crate) struct ShardingFile {
     pub(crate) index: u32,
     pub(crate) count: u32,
+    /// Registration API address of shard `{index}`: where ids seen through the proxy are
+    /// sent when this replica does not own them, or when HA copies must learn them too.
+    pub(crate) peer_url_template: Option<String>,
 }
 
 impl Default for ShardingFile {
     fn default() -> Self {
-        ShardingFile { index: 0, count: 1 }
+        ShardingFile {
+            index: 0,
+            count: 1,
+            peer_url_template: None,
+        }
     }
 }
 

@@ -98,6 +98,19 @@ pub fn resolve(
         );
     }
 
+    if let Some(template) = &file.sharding.peer_url_template {
+        let at = "sharding.peer_url_template";
+        if let Err(message) = crate::forward::PeerTemplate::parse(template, shard.count.max(1)) {
+            problem(at, message);
+        }
+        if api_token.is_none() {
+            problem(
+                at,
+                "needs server.api_token_env or api_token_file: peers register ids through their registration API".into(),
+            );
+        }
+    }
+
     if file.providers.is_empty() {
         problem("providers", "at least one provider is required".into());
     }
@@ -129,6 +142,7 @@ pub fn resolve(
         max_models_per_provider: file.metrics.max_models_per_provider,
         latency_buckets: file.metrics.latency_buckets,
         shard,
+        peer_url_template: file.sharding.peer_url_template,
         providers,
     })
 }

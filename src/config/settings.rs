@@ -20,6 +20,8 @@ pub struct Settings {
     pub max_models_per_provider: usize,
     pub latency_buckets: Vec<f64>,
     pub shard: Shard,
+    /// `sharding.peer_url_template`, checked (see `crate::forward::PeerTemplate`).
+    pub peer_url_template: Option<String>,
     pub providers: Vec<ProviderSettings>,
 }
 

@@ -496,3 +496,54 @@ fn secret_files_that_are_not_regular_files_are_refused_by_name() {
         }
     }
 }
+
+#[test]
+fn peer_url_template_needs_the_api_token_and_an_index_per_shard() {
+    let provider = "providers:\n  - name: mx\n    type: maxapi\n    token_env: K\n";
+    let with_token = "server: {api_token_env: T}\n";
+    let vars: &[(&str, &str)] = &[("K", "provider-key"), ("T", "api-token")];
+    let resolved = |top: String| resolve_text(&format!("{top}{provider}"), vars);
+
+    let ok = resolved(format!(
+        "{with_token}sharding:\n  index: 1\n  count: 2\n  peer_url_template: \"http://exporter-{{index}}.exporters:9850\"\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        ok.peer_url_template.as_deref(),
+        Some("http://exporter-{index}.exporters:9850")
+    );
+    // Without sharding one name may cover every HA copy.
+    assert!(
+        resolved(format!(
+            "{with_token}sharding: {{peer_url_template: \"http://peers:9850\"}}\n"
+        ))
+        .is_ok()
+    );
+
+    let paths = |top: String| -> Vec<String> {
+        resolved(top)
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.path)
+            .collect()
+    };
+    assert_eq!(
+        paths("sharding: {peer_url_template: \"http://peers:9850\"}\n".into()),
+        ["sharding.peer_url_template"],
+        "no API token"
+    );
+    assert_eq!(
+        paths(format!(
+            "{with_token}sharding: {{count: 2, peer_url_template: \"http://peers:9850\"}}\n"
+        )),
+        ["sharding.peer_url_template"],
+        "no {{index}} with two shards"
+    );
+    assert_eq!(
+        paths(format!(
+            "{with_token}sharding: {{peer_url_template: \"exporter-{{index}}\"}}\n"
+        )),
+        ["sharding.peer_url_template"],
+        "not a URL"
+    );
+}

@@ -187,6 +187,12 @@ families! {
         kind: Counter, storage: durable("proxy_submit_rejections"),
         labels: &["provider", "reason"],
     },
+    ProxyForwarded => FamilyDef {
+        name: "genai_proxy_forwarded_total",
+        help: "Task ids seen through the proxy and sent to the replicas that track them, per receiving replica, by outcome.",
+        kind: Counter, storage: durable("proxy_forwarded"),
+        labels: &["provider", "outcome"],
+    },
     // Gauges read from the registry at scrape time.
     Tasks => FamilyDef {
         name: "genai_tasks",

@@ -246,6 +246,15 @@ impl Metrics {
         self.accounting.counted_models(provider)
     }
 
+    /// Counts `ids` task ids handed to a peer replica (`outcome`: delivered, rejected,
+    /// failed, dropped; see `crate::forward`).
+    pub(crate) fn count_forwarded(&self, provider: &str, outcome: &str, ids: usize) {
+        *lock(&self.pending_counts)
+            .counters
+            .entry(SeriesKey::new(Family::ProxyForwarded, provider, &[outcome]))
+            .or_insert(0.0) += ids as f64;
+    }
+
     /// Counts one panic caught in the background task named `task` (not durable).
     pub(crate) fn count_task_panic(&self, task: &str) {
         self.task_panics.with_label_values(&[task]).inc();

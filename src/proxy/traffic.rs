@@ -14,6 +14,7 @@ use super::{
     ProxyCode, ProxyEndpoint, ProxyObserver, Refusal, RejectReason, Submission, TaskAnswer,
 };
 use crate::clock::Clock;
+use crate::forward::Forwarder;
 use crate::metrics::Metrics;
 use crate::providers::Adapter;
 use crate::registry::{ProviderTasks, Registry, TrackOutcome};
@@ -25,6 +26,8 @@ pub(crate) struct Traffic {
     metrics: Arc<Metrics>,
     adapter: Adapter,
     clock: Clock,
+    /// Hands ids to the replicas that must track them (`sharding.peer_url_template`).
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 impl Traffic {
@@ -39,13 +42,27 @@ impl Traffic {
             metrics,
             adapter,
             clock,
+            forwarder: None,
         }
+    }
+
+    /// Ids this replica does not own go to their owner shard, and new ones it owns to its
+    /// HA copies.
+    pub(crate) fn with_forwarder(mut self, forwarder: Option<Arc<Forwarder>>) -> Self {
+        self.forwarder = forwarder;
+        self
     }
 
     /// Tracks an id the application's traffic named (`source="proxy"`). False when it is
     /// not tracked here: remembered as finished, owned by another shard, or not plausible.
-    fn track(&self, tasks: &ProviderTasks, task_id: &str, now: i64) -> bool {
-        match tasks.track_from_proxy(task_id, now) {
+    fn track(&self, provider: &str, tasks: &ProviderTasks, task_id: &str, now: i64) -> bool {
+        let outcome = tasks.track_from_proxy(task_id, now);
+        if let Some(forwarder) = &self.forwarder
+            && matches!(outcome, TrackOutcome::New | TrackOutcome::NotOwned)
+        {
+            forwarder.forward_to_owner(provider, task_id);
+        }
+        match outcome {
             TrackOutcome::New | TrackOutcome::Known => true,
             TrackOutcome::Remembered | TrackOutcome::NotOwned | TrackOutcome::Invalid => false,
         }
@@ -92,7 +109,12 @@ impl ProxyObserver for Traffic {
 
     fn task_submitted(&self, provider: &str, submission: Submission) {
         if let Some(tasks) = self.registry.provider(provider) {
-            self.track(&tasks, &submission.task_id, self.clock.now_millis());
+            self.track(
+                provider,
+                &tasks,
+                &submission.task_id,
+                self.clock.now_millis(),
+            );
         }
     }
 
@@ -114,7 +136,7 @@ impl ProxyObserver for Traffic {
         };
         let now = self.clock.now_millis();
         // A task submitted before the proxy was in the path is found by its first answer.
-        if self.track(&tasks, &obs.task_id, now) {
+        if self.track(provider, &tasks, &obs.task_id, now) {
             self.apply(provider, &tasks, &obs, now);
         }
     }
