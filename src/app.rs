@@ -75,10 +75,14 @@ impl ProviderRuntime {
         }
     }
 
-    /// Whether the provider has had its first poll: any upstream answer, or nothing to ask.
+    /// Whether the provider has had its first poll: any upstream answer, or nothing to ask
+    /// yet. A provider whose tasks wait for callbacks has nothing to ask until a task is
+    /// overdue; it must not hold readiness back, or the callbacks (routed to ready replicas
+    /// only) would never arrive.
     pub(crate) fn has_polled(&self) -> bool {
         let status = self.upstream.status();
-        status.requests > 0 || (self.tasks.tracked() == 0 && !self.periodic_requests)
+        let nothing_to_ask = self.tasks.tracked() == 0 || self.settings.webhook_token.is_some();
+        status.requests > 0 || (nothing_to_ask && !self.periodic_requests)
     }
 }
 

@@ -227,6 +227,21 @@ async fn a_lost_callback_is_caught_by_the_safety_poll() {
     // Registered, and its callback never comes.
     let registered = Instant::now();
     exporter.track("mx", "lost");
+    // Ready without a request: a provider whose tasks wait for callbacks has nothing to ask
+    // yet, and callbacks reach only ready replicas. (No request before the answer, so the
+    // answer was not earned by the safety poll.)
+    let ready = reqwest::get(exporter.url("/-/ready"))
+        .await
+        .unwrap()
+        .status();
+    assert!(
+        fake.hits(path).is_empty(),
+        "no request before the readiness answer"
+    );
+    assert_eq!(
+        ready, 200,
+        "a tracked task waiting for its callback keeps the exporter ready"
+    );
     let m = exporter
         .wait_for(WAIT, |m| m.sum("genai_task_completions_total", &[]) == 1.0)
         .await;
