@@ -15,13 +15,13 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::Shard;
+use crate::logging::LogGate;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use crate::shard::shard_of;
@@ -40,7 +40,6 @@ pub const MAX_ATTEMPTS: u32 = 7;
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-const LOG_INTERVAL_SECS: u64 = 10;
 
 /// `sharding.peer_url_template`, checked: an http(s) base URL once `{index}` is replaced.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -407,39 +406,6 @@ impl Peers {
                 suppressed,
                 "could not hand task ids seen through the proxy to their owner"
             );
-        }
-    }
-}
-
-/// At most one log line per [`LOG_INTERVAL_SECS`], with the number left out since: the
-/// application's traffic decides how often these happen.
-#[derive(Debug, Default)]
-struct LogGate {
-    next_second: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-impl LogGate {
-    fn open(&self) -> Option<u64> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let next = self.next_second.load(Ordering::Relaxed);
-        if now >= next
-            && self
-                .next_second
-                .compare_exchange(
-                    next,
-                    now + LOG_INTERVAL_SECS,
-                    Ordering::Relaxed,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
-            Some(self.suppressed.swap(0, Ordering::Relaxed))
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            None
         }
     }
 }
