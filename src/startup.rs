@@ -103,6 +103,7 @@ impl Application {
             self.listener,
             http::router(self.app.clone()),
             self.web,
+            self.app.metrics.listener.clone(),
             shutdown,
         )
         .await;

@@ -273,6 +273,25 @@ families! {
         kind: Gauge, storage: Live,
         labels: &["index", "count"],
     },
+    // The HTTP listener (see `crate::web`), set by its accept loop and connections.
+    HttpConnections => FamilyDef {
+        name: "genai_exporter_http_connections",
+        help: "Open connections on the HTTP listener.",
+        kind: Gauge, storage: Live,
+        labels: &[],
+    },
+    HttpConnectionsLimit => FamilyDef {
+        name: "genai_exporter_http_connections_limit",
+        help: "Connection cap of the HTTP listener (from the open file limit, minus a reserve).",
+        kind: Gauge, storage: Live,
+        labels: &[],
+    },
+    HttpConnectionsRejected => FamilyDef {
+        name: "genai_exporter_http_connections_rejected_total",
+        help: "Connections the listener closed or could not accept, by reason.",
+        kind: Counter, storage: Live,
+        labels: &["reason"],
+    },
 }
 
 impl Family {

@@ -56,6 +56,7 @@ pub struct Metrics {
     pub(crate) store_errors: IntCounterVec,
     pub(crate) task_panics: IntCounterVec,
     pub(crate) shard_info: IntGaugeVec,
+    pub(crate) listener: ListenerMetrics,
     /// Providers currently configured; series of others are left off the page.
     active: RwLock<HashSet<String>>,
     /// End of each provider's current rate-limit pause (`genai_upstream_backoff_seconds`
@@ -98,6 +99,15 @@ fn live<T: Collector + Clone + 'static>(
     metric
 }
 
+/// The HTTP listener's families, handed to `crate::web::serve`, which sets them (the
+/// `reason` values of `rejected` are the listener's to name).
+#[derive(Clone)]
+pub(crate) struct ListenerMetrics {
+    pub(crate) open: IntGauge,
+    pub(crate) limit: IntGauge,
+    pub(crate) rejected: IntCounterVec,
+}
+
 /// The `operation` values of `genai_exporter_store_errors_total`.
 pub(crate) const STORE_OPERATIONS: [&str; 4] = ["commit", "reopen", "replaced", "expire"];
 
@@ -135,6 +145,11 @@ impl Metrics {
             store_errors,
             task_panics: live(&prom, Family::TaskPanics, IntCounterVec::new),
             shard_info: live(&prom, Family::ShardInfo, IntGaugeVec::new),
+            listener: ListenerMetrics {
+                open: gauge(Family::HttpConnections),
+                limit: gauge(Family::HttpConnectionsLimit),
+                rejected: live(&prom, Family::HttpConnectionsRejected, IntCounterVec::new),
+            },
             active: RwLock::new(HashSet::new()),
             pauses: Mutex::new(HashMap::new()),
             #[cfg(test)]

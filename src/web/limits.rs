@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 use tokio::sync::Notify;
+
+use crate::metrics::ListenerMetrics;
 
 /// Request headers must arrive within this time, counted from the connection (or the end of
 /// the previous request) to the end of the headers: one byte every few seconds does not help.
@@ -181,7 +182,7 @@ pub(crate) struct Connections {
     open: Mutex<HashMap<u64, Arc<Activity>>>,
     next_id: AtomicU64,
     pub(crate) cap: usize,
-    pub(crate) metrics: ListenerMetrics,
+    metrics: ListenerMetrics,
     /// Woken whenever a connection's task ends.
     pub(crate) closed: Notify,
 }
@@ -194,8 +195,9 @@ pub(crate) struct Slot {
 }
 
 impl Slot {
-    pub(crate) fn metrics(&self) -> &ListenerMetrics {
-        &self.connections.metrics
+    /// Counts this connection's closing by the listener.
+    pub(crate) fn count(&self, reason: Closed) {
+        self.connections.count(reason);
     }
 }
 
@@ -210,9 +212,13 @@ impl Drop for Slot {
 }
 
 impl Connections {
-    pub(crate) fn new(cap: usize) -> Arc<Connections> {
-        let metrics = ListenerMetrics::new();
+    pub(crate) fn new(cap: usize, metrics: ListenerMetrics) -> Arc<Connections> {
         metrics.limit.set(cap as i64);
+        metrics.open.set(0);
+        // Every reason's series exists from the start, at 0.
+        for reason in Closed::ALL {
+            metrics.rejected.with_label_values(&[reason.label()]);
+        }
         Arc::new(Connections {
             open: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
@@ -220,6 +226,14 @@ impl Connections {
             metrics,
             closed: Notify::new(),
         })
+    }
+
+    /// Counts a connection the listener closed or could not accept.
+    pub(crate) fn count(&self, reason: Closed) {
+        self.metrics
+            .rejected
+            .with_label_values(&[reason.label()])
+            .inc();
     }
 
     /// Open connections not already on their way out.
@@ -312,67 +326,6 @@ impl Closed {
             Closed::AcceptError => "accept_error",
             Closed::DrainTimeout => "drain_timeout",
         }
-    }
-}
-
-/// The listener's own metrics, appended to the `/metrics` page.
-pub(crate) struct ListenerMetrics {
-    registry: Registry,
-    open: IntGauge,
-    limit: IntGauge,
-    rejected: IntCounterVec,
-}
-
-impl ListenerMetrics {
-    fn new() -> ListenerMetrics {
-        let registry = Registry::new();
-        let open = IntGauge::new(
-            "genai_exporter_http_connections",
-            "Open connections on the HTTP listener.",
-        )
-        .expect("valid metric");
-        let limit = IntGauge::new(
-            "genai_exporter_http_connections_limit",
-            "Connection cap of the HTTP listener (from the open file limit, minus a reserve).",
-        )
-        .expect("valid metric");
-        let rejected = IntCounterVec::new(
-            Opts::new(
-                "genai_exporter_http_connections_rejected_total",
-                "Connections the listener closed or could not accept, by reason.",
-            ),
-            &["reason"],
-        )
-        .expect("valid metric");
-        for reason in Closed::ALL {
-            rejected.with_label_values(&[reason.label()]);
-        }
-        for metric in [
-            Box::new(open.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(limit.clone()),
-            Box::new(rejected.clone()),
-        ] {
-            registry.register(metric).expect("unique metric");
-        }
-        ListenerMetrics {
-            registry,
-            open,
-            limit,
-            rejected,
-        }
-    }
-
-    pub(crate) fn count(&self, reason: Closed) {
-        self.rejected.with_label_values(&[reason.label()]).inc();
-    }
-
-    /// The families in the text format.
-    pub(crate) fn render(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding of valid families");
-        out
     }
 }
 

@@ -12,10 +12,6 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::http::{Method, StatusCode, header};
-use axum::middleware::Next;
-use axum::response::Response;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -27,9 +23,9 @@ use tower::ServiceExt;
 
 use super::limits::{Activity, Closed, Connections, EVICTION_SLACK, Limits, Slot};
 use super::{Web, auth};
+use crate::logging::LogGate;
+use crate::metrics::ListenerMetrics;
 
-/// At most one log line per this interval for faults a client can cause at will.
-const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Back-off after a failed `accept`, doubled while it keeps failing.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -37,31 +33,20 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Serves `router` on `listener` until `shutdown` completes, then drains open requests for a
 /// few seconds and closes the rest. With `web`, every request passes its basic auth, rate
 /// limit and headers, and the listener speaks TLS when it configures a certificate.
-/// Timeouts and the connection cap are [`Limits::from_process`].
+/// Timeouts and the connection cap are [`Limits::from_process`]; `metrics` shows the open
+/// connections, the cap and what the listener closed.
 pub(crate) async fn serve<F>(
     listener: TcpListener,
     router: Router,
     web: Option<Arc<Web>>,
+    metrics: ListenerMetrics,
     shutdown: F,
 ) -> io::Result<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
-    serve_with_limits(listener, router, web, shutdown, Limits::from_process()).await
-}
-
-/// [`serve`] with explicit timeouts and connection cap.
-pub(crate) async fn serve_with_limits<F>(
-    listener: TcpListener,
-    router: Router,
-    web: Option<Arc<Web>>,
-    shutdown: F,
-    limits: Limits,
-) -> io::Result<()>
-where
-    F: Future<Output = ()> + Send + 'static,
-{
-    let connections = Connections::new(limits.max_connections);
+    let limits = Limits::from_process();
+    let connections = Connections::new(limits.max_connections, metrics);
     let mut router = router;
     if let Some(web) = &web {
         router = router.layer(axum::middleware::from_fn_with_state(
@@ -69,10 +54,6 @@ where
             auth::guard,
         ));
     }
-    let router = router.layer(axum::middleware::from_fn_with_state(
-        connections.clone(),
-        append_listener_metrics,
-    ));
     let tls = web.filter(|w| w.is_tls());
     tracing::debug!(
         max_connections = limits.max_connections,
@@ -85,8 +66,8 @@ where
     // Connections watch `stop`; it carries the end of the drain once shutdown is asked for.
     let (stop_tx, stop_rx) = watch::channel(None::<tokio::time::Instant>);
     let mut tasks = JoinSet::new();
-    let mut accept_log = RateLimitedLog::default();
-    let mut refuse_log = RateLimitedLog::default();
+    let accept_log = LogGate::new();
+    let refuse_log = LogGate::new();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     tokio::pin!(shutdown);
     'accept: loop {
@@ -111,10 +92,10 @@ where
                     conn
                 }
                 Err(e) => {
-                    connections.metrics.count(Closed::AcceptError);
-                    accept_log.warn(|suppressed| {
+                    connections.count(Closed::AcceptError);
+                    if let Some(suppressed) = accept_log.open() {
                         tracing::warn!(error = %e, suppressed, "accept failed; backing off");
-                    });
+                    }
                     if out_of_descriptors(&e) {
                         // Free a descriptor for the connection waiting in the backlog.
                         connections.evict_idlest();
@@ -131,14 +112,14 @@ where
         };
         if connections.len() >= connections.cap && !connections.evict_idlest() {
             // Every connection has a request in flight: this one cannot have a slot.
-            connections.metrics.count(Closed::ConnectionLimit);
-            refuse_log.warn(|suppressed| {
+            connections.count(Closed::ConnectionLimit);
+            if let Some(suppressed) = refuse_log.open() {
                 tracing::warn!(
                     cap = connections.cap,
                     suppressed,
                     "connection cap reached; connection refused"
                 );
-            });
+            }
             drop(stream);
             continue;
         }
@@ -178,46 +159,6 @@ fn out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(23 | 24))
 }
 
-/// Logs at most once per [`LOG_INTERVAL`], with the number of lines left out meanwhile.
-#[derive(Default)]
-struct RateLimitedLog {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl RateLimitedLog {
-    fn warn(&mut self, log: impl FnOnce(u64)) {
-        if self.last.is_some_and(|t| t.elapsed() < LOG_INTERVAL) {
-            self.suppressed += 1;
-            return;
-        }
-        log(self.suppressed);
-        self.last = Some(Instant::now());
-        self.suppressed = 0;
-    }
-}
-
-/// Appends the listener's metrics to a successful `GET /metrics`.
-async fn append_listener_metrics(
-    State(connections): State<Arc<Connections>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let is_scrape = request.method() == Method::GET && request.uri().path() == "/metrics";
-    let response = next.run(request).await;
-    if !is_scrape || response.status() != StatusCode::OK {
-        return response;
-    }
-    let (mut parts, body) = response.into_parts();
-    let Ok(page) = axum::body::to_bytes(body, usize::MAX).await else {
-        return Response::from_parts(parts, Body::empty());
-    };
-    let mut page = page.to_vec();
-    page.extend_from_slice(&connections.metrics.render());
-    parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, Body::from(page))
-}
-
 async fn run_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -247,18 +188,18 @@ async fn run_connection(
         result = handshake => match result {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
-                slot.metrics().count(Closed::TlsHandshakeFailed);
+                slot.count(Closed::TlsHandshakeFailed);
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
                 return;
             }
             Err(_) => {
-                slot.metrics().count(Closed::TlsHandshakeTimeout);
+                slot.count(Closed::TlsHandshakeTimeout);
                 tracing::debug!(%peer, "TLS handshake timed out");
                 return;
             }
         },
         () = activity.evict.notified() => {
-            slot.metrics().count(Closed::ConnectionLimit);
+            slot.count(Closed::ConnectionLimit);
             return;
         }
         _ = stop.changed() => return,
@@ -303,7 +244,6 @@ async fn serve_http<I>(
     tokio::pin!(conn);
     // The first request's headers (HTTP/1 or HTTP/2, before hyper knows which) are due by then.
     let first_request_due = Instant::now() + limits.header_read_timeout;
-    let metrics = slot.metrics();
     let drain_end = loop {
         let now = Instant::now();
         let mut due = activity.last_io() + limits.idle_timeout;
@@ -318,7 +258,7 @@ async fn serve_http<I>(
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     if is_header_timeout(&*e) {
-                        metrics.count(Closed::HeaderTimeout);
+                        slot.count(Closed::HeaderTimeout);
                     } else {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
@@ -328,17 +268,17 @@ async fn serve_http<I>(
             () = tokio::time::sleep_until(due.into()) => {
                 let now = Instant::now();
                 if activity.requests() == 0 && now >= first_request_due {
-                    metrics.count(Closed::HeaderTimeout);
+                    slot.count(Closed::HeaderTimeout);
                     return;
                 }
                 if activity.in_flight() == 0 && now >= activity.last_io() + limits.idle_timeout {
-                    metrics.count(Closed::IdleTimeout);
+                    slot.count(Closed::IdleTimeout);
                     break tokio::time::Instant::now() + limits.drain_timeout;
                 }
             }
             () = activity.evict.notified() => {
                 if activity.in_flight() == 0 {
-                    metrics.count(Closed::ConnectionLimit);
+                    slot.count(Closed::ConnectionLimit);
                     return;
                 }
                 activity.keep();
@@ -356,7 +296,7 @@ async fn serve_http<I>(
     // Let a request in flight finish (HTTP/2: GOAWAY, open streams finish), up to `drain_end`.
     conn.as_mut().graceful_shutdown();
     if tokio::time::timeout_at(drain_end, conn).await.is_err() {
-        metrics.count(Closed::DrainTimeout);
+        slot.count(Closed::DrainTimeout);
     }
 }
 
