@@ -5,22 +5,13 @@
 
 mod common;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::{Exporter, FakeUpstream, Reply, Scrape};
+use common::{Exporter, FakeUpstream, Reply, Scrape, ago};
 use serde_json::{Value, json};
 
 const AM_KEY: &str = "am-test-key-3c7d";
 const WAIT: Duration = Duration::from_secs(15);
-
-/// RFC 3339 time `seconds_ago` before now, on a whole second.
-fn ago(seconds_ago: u64) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    humantime::format_rfc3339(UNIX_EPOCH + Duration::from_secs(now - seconds_ago)).to_string()
-}
 
 /// An apimall get-task answer; `fields` overrides or adds `data` fields.
 fn task(id: &str, status: &str, fields: Value) -> Reply {

@@ -5,37 +5,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Exporter, FakeUpstream, Reply, Scrape, promtool_check_metrics};
+use common::{Exporter, FakeUpstream, Reply, Scrape, ago, maxapi_task, promtool_check_metrics};
 use serde_json::{Value, json};
 
 const MX_KEY: &str = "mx-test-key-5f0c";
 const AM_KEY: &str = "am-test-key-9a1e";
-
-/// RFC 3339 time `seconds_ago` before a recent whole second (tasks older than
-/// max_task_age are dropped, so test tasks must be recent; whole seconds keep latencies exact).
-fn ago(seconds_ago: u64) -> String {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let t = std::time::UNIX_EPOCH + Duration::from_secs(now - seconds_ago);
-    humantime::format_rfc3339_micros(t).to_string()
-}
-
-fn maxapi_task(id: &str, status: &str, reason: Value) -> Value {
-    let mut data = json!({
-        "taskId": id,
-        "status": status,
-        "input": {"model": "nano-banana", "prompt": "a cat"},
-        "result": null,
-        "created_at": ago(20),
-        "updated_at": ago(2)
-    });
-    if !reason.is_null() || status == "FAILURE" {
-        data["failure_reason"] = reason;
-    }
-    json!({"code": 0, "msg": "ok", "data": data})
-}
 
 fn apimall_task(id: &str, status: &str, error: Option<&str>, used: f64, refunded: f64) -> Value {
     json!({

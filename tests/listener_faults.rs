@@ -7,25 +7,19 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Scrape;
-
-const BIN: &str = env!("CARGO_BIN_EXE_genai-task-exporter");
+use common::{BIN, Binary, Scrape};
 
 /// The binary, started with `prefix` (e.g. `prlimit ...`) in front, its stderr collected.
 struct Exporter {
-    child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
-    addr: SocketAddr,
+    binary: Binary,
     _dir: tempfile::TempDir,
 }
 
 impl Exporter {
     fn start(prefix: &[&str], extra_args: &[&str], timeouts: &str) -> Exporter {
-        use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("idle.key");
         std::fs::write(&key, "idle-key").unwrap();
@@ -39,65 +33,39 @@ impl Exporter {
             ),
         )
         .unwrap();
-        let (program, prefix_args) = match prefix.split_first() {
-            Some((first, rest)) => (*first, rest.iter().copied().chain([BIN]).collect()),
-            None => (BIN, Vec::new()),
+        let mut command = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut command = Command::new(program);
+                command.args(rest).arg(BIN);
+                command
+            }
+            None => Command::new(BIN),
         };
-        let mut child = Command::new(program)
-            .args(prefix_args)
+        command
             .args(["--config.file", config.to_str().unwrap()])
             .args(["--web.listen-address", "127.0.0.1:0"])
             .args(extra_args)
-            .env("GENAI_EXPORTER_LISTENER_TIMEOUTS", timeouts)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("binary starts");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let addr = loop {
-            let found = logs.lock().unwrap().iter().find_map(|l| {
-                let rest = l.split(" address=").nth(1)?;
-                l.contains("msg=listening")
-                    .then(|| rest.split(' ').next()?.parse::<SocketAddr>().ok())
-                    .flatten()
-            });
-            if let Some(addr) = found {
-                break addr;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "binary exited with {status}:\n{}",
-                    logs.lock().unwrap().join("\n")
-                );
-            }
-            assert!(Instant::now() < deadline, "no listening line");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Exporter {
-            child,
-            logs,
-            addr,
-            _dir: dir,
-        }
+            .env("GENAI_EXPORTER_LISTENER_TIMEOUTS", timeouts);
+        // These tests are synchronous (blocking clients); only the start-up wait needs a runtime.
+        let binary = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(Binary::start_command(command));
+        Exporter { binary, _dir: dir }
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.binary.addr
     }
 
     fn logs(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
+        self.binary.logs()
     }
 
     /// `GET /metrics` on a fresh connection (plain HTTP/1.0, read to the end).
     fn scrape(&self) -> (u16, Scrape) {
-        let mut stream = TcpStream::connect(self.addr).unwrap();
+        let mut stream = TcpStream::connect(self.addr()).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
@@ -113,38 +81,6 @@ impl Exporter {
             .unwrap_or(0);
         let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
         (status, Scrape::parse(&body))
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits up to `limit` for the exit; the status and the time it took.
-    fn wait_exit(&mut self, limit: Duration) -> (std::process::ExitStatus, Duration) {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status, start.elapsed());
-            }
-            if start.elapsed() > limit {
-                let _ = self.child.kill();
-                panic!("no exit within {limit:?}; logs:\n{}", self.logs());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -192,7 +128,7 @@ fn slow_header_client(addr: SocketAddr, interval: Duration, give_up: Duration) -
 #[test]
 fn slow_header_clients_are_disconnected_after_the_header_timeout() {
     let exporter = Exporter::start(&[], &[], "header_read=2");
-    let addr = exporter.addr;
+    let addr = exporter.addr();
     let clients: Vec<_> = (0..20)
         .map(|_| {
             std::thread::spawn(move || {
@@ -262,7 +198,7 @@ fn metrics_answer_under_an_idle_connection_flood_at_a_low_file_limit() {
     // Far more idle connections than the file limit allows the process.
     let mut idle = Vec::new();
     for _ in 0..600 {
-        idle.push(TcpStream::connect(exporter.addr).unwrap());
+        idle.push(TcpStream::connect(exporter.addr()).unwrap());
     }
     let start = Instant::now();
     let mut answered = 0;
@@ -292,8 +228,8 @@ fn metrics_answer_under_an_idle_connection_flood_at_a_low_file_limit() {
     assert!(fd_errors.is_empty(), "{fd_errors:?}");
 
     // Still a clean exit with the flood open.
-    exporter.signal("TERM");
-    let (status, took) = exporter.wait_exit(Duration::from_secs(15));
+    exporter.binary.signal("TERM");
+    let (status, took) = exporter.binary.wait_exit(Duration::from_secs(15));
     println!("exit after SIGTERM with the idle flood open: {took:?}");
     assert!(status.success());
     drop(idle);
@@ -302,7 +238,7 @@ fn metrics_answer_under_an_idle_connection_flood_at_a_low_file_limit() {
 #[test]
 fn sigterm_with_slow_clients_exits_within_the_drain() {
     let mut exporter = Exporter::start(&[], &[], "");
-    let addr = exporter.addr;
+    let addr = exporter.addr();
     let mut slow = Vec::new();
     for _ in 0..20 {
         let mut stream = TcpStream::connect(addr).unwrap();
@@ -332,8 +268,8 @@ fn sigterm_with_slow_clients_exits_within_the_drain() {
     let (status, scrape) = exporter.scrape();
     assert_eq!(status, 200);
     assert!(scrape.get("genai_exporter_http_connections", &[]).unwrap() >= 20.0);
-    exporter.signal("TERM");
-    let (status, took) = exporter.wait_exit(Duration::from_secs(30));
+    exporter.binary.signal("TERM");
+    let (status, took) = exporter.binary.wait_exit(Duration::from_secs(30));
     println!(
         "exit after SIGTERM with 20 slow-header clients and 2 stalled requests (drain 5 s): {took:?} (status {status})"
     );
@@ -373,7 +309,7 @@ fn tls_listener_closes_silent_handshakes() {
     let start = Instant::now();
     let clients: Vec<_> = (0..10)
         .map(|i| {
-            let addr = exporter.addr;
+            let addr = exporter.addr();
             std::thread::spawn(move || {
                 let mut stream = TcpStream::connect(addr).unwrap();
                 if i % 2 == 1 {
@@ -401,7 +337,7 @@ fn tls_listener_closes_silent_handshakes() {
             .add_root_certificate(root)
             .build()
             .unwrap();
-        let url = format!("https://{}/metrics", exporter.addr);
+        let url = format!("https://{}/metrics", exporter.addr());
         let response = client.get(url).send().await.unwrap();
         assert_eq!(response.status(), 200);
         response.text().await.unwrap()
@@ -428,7 +364,7 @@ fn idle_http2_connections_are_closed() {
         .build()
         .unwrap();
     let status = runtime.block_on(async {
-        let url = format!("http://{}/-/healthy", exporter.addr);
+        let url = format!("http://{}/-/healthy", exporter.addr());
         client.get(url).send().await.unwrap().status()
     });
     assert_eq!(status, 200);

@@ -7,28 +7,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Binary, Exporter, FakeUpstream, Reply, Scrape};
+use common::{Binary, Exporter, FakeUpstream, Reply, Scrape, maxapi_task};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(15);
 const API_TOKEN: &str = "reload-api-token-4b1d";
-
-/// RFC 3339 time `seconds_ago` before now.
-fn ago(seconds_ago: u64) -> String {
-    let t = std::time::SystemTime::now() - Duration::from_secs(seconds_ago);
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-fn maxapi_task(id: &str, status: &str) -> Value {
-    json!({"code": 0, "msg": "ok", "data": {
-        "taskId": id,
-        "status": status,
-        "input": {"model": "nano-banana", "prompt": "a cat"},
-        "result": null,
-        "created_at": ago(20),
-        "updated_at": ago(2)
-    }})
-}
 
 /// A tempdir with the API token and one key file per provider name.
 struct Files {
@@ -118,15 +101,24 @@ async fn reload_adds_and_removes_providers_and_keeps_counters() {
     let fake = FakeUpstream::start().await;
     fake.script(
         "/api/v1/task/t-one",
-        vec![Reply::json(200, maxapi_task("t-one", "SUCCESS"))],
+        vec![Reply::json(
+            200,
+            maxapi_task("t-one", "SUCCESS", Value::Null),
+        )],
     );
     fake.script(
         "/api/v1/task/t-two",
-        vec![Reply::json(200, maxapi_task("t-two", "SUCCESS"))],
+        vec![Reply::json(
+            200,
+            maxapi_task("t-two", "SUCCESS", Value::Null),
+        )],
     );
     fake.script(
         "/api/v1/task/t-two-pending",
-        vec![Reply::json(200, maxapi_task("t-two-pending", "PENDING"))],
+        vec![Reply::json(
+            200,
+            maxapi_task("t-two-pending", "PENDING", Value::Null),
+        )],
     );
     let files = Files::new();
     files.write("one.key", "key-one");
@@ -225,7 +217,10 @@ async fn a_bad_file_is_refused_and_the_running_configuration_stays() {
     let fake = FakeUpstream::start().await;
     fake.script(
         "/api/v1/task/t-slow",
-        vec![Reply::json(200, maxapi_task("t-slow", "PROCESSING"))],
+        vec![Reply::json(
+            200,
+            maxapi_task("t-slow", "PROCESSING", Value::Null),
+        )],
     );
     let files = Files::new();
     files.write("one.key", "key-one");
@@ -292,7 +287,10 @@ async fn reload_re_reads_token_files() {
     let fake = FakeUpstream::start().await;
     fake.script(
         "/api/v1/task/t-long",
-        vec![Reply::json(200, maxapi_task("t-long", "PROCESSING"))],
+        vec![Reply::json(
+            200,
+            maxapi_task("t-long", "PROCESSING", Value::Null),
+        )],
     );
     let files = Files::new();
     files.write("one.key", "key-before-rotation");
@@ -357,11 +355,17 @@ async fn sighup_reloads_the_real_binary() {
     let fake = FakeUpstream::start().await;
     fake.script(
         "/api/v1/task/t-one",
-        vec![Reply::json(200, maxapi_task("t-one", "SUCCESS"))],
+        vec![Reply::json(
+            200,
+            maxapi_task("t-one", "SUCCESS", Value::Null),
+        )],
     );
     fake.script(
         "/api/v1/task/t-two",
-        vec![Reply::json(200, maxapi_task("t-two", "SUCCESS"))],
+        vec![Reply::json(
+            200,
+            maxapi_task("t-two", "SUCCESS", Value::Null),
+        )],
     );
     let files = Files::new();
     files.write("one.key", "key-one");
@@ -425,7 +429,10 @@ async fn unusable_values_are_refused_and_polling_goes_on() {
     let fake = FakeUpstream::start().await;
     fake.script(
         "/api/v1/task/t-slow",
-        vec![Reply::json(200, maxapi_task("t-slow", "PROCESSING"))],
+        vec![Reply::json(
+            200,
+            maxapi_task("t-slow", "PROCESSING", Value::Null),
+        )],
     );
     let files = Files::new();
     files.write("one.key", "key-one");
@@ -540,7 +547,10 @@ async fn sighup_during_start_up_does_not_kill_the_binary() {
     let fake = FakeUpstream::start().await;
     fake.script(
         "/api/v1/task/t-one",
-        vec![Reply::json(200, maxapi_task("t-one", "SUCCESS"))],
+        vec![Reply::json(
+            200,
+            maxapi_task("t-one", "SUCCESS", Value::Null),
+        )],
     );
     let files = Files::new();
     files.write("one.key", "key-one");
@@ -657,7 +667,10 @@ async fn a_reload_that_panics_leaves_every_endpoint_answering() {
     let fake = FakeUpstream::start().await;
     fake.script(
         "/api/v1/task/t-run",
-        vec![Reply::json(200, maxapi_task("t-run", "PROCESSING"))],
+        vec![Reply::json(
+            200,
+            maxapi_task("t-run", "PROCESSING", Value::Null),
+        )],
     );
     let files = Files::new();
     files.write("one.key", "key-one");
@@ -694,7 +707,7 @@ async fn a_reload_that_panics_leaves_every_endpoint_answering() {
     }
     let webhook = reqwest::Client::new()
         .post(exporter.url("/webhooks/one?token=wrong"))
-        .json(&maxapi_task("t-run", "SUCCESS"))
+        .json(&maxapi_task("t-run", "SUCCESS", Value::Null))
         .send()
         .await
         .unwrap();

@@ -5,12 +5,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Scrape, compare_with_truth};
+use common::{Binary, Scrape, compare_with_truth};
 use genai_task_exporter::simulator::{
     Faults, ModelKind, ModelSim, ProviderSim, SimConfig, SimProvider, Simulator, Workload,
 };
@@ -62,57 +60,21 @@ fn simulator() -> SimConfig {
     }
 }
 
-/// The exporter binary, its `/metrics` URL read from its log. Killed when dropped, so a
-/// failing assertion leaves no process behind.
-struct Binary {
-    child: Child,
-    metrics_url: String,
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_binary(config: &Path) -> Binary {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_genai-task-exporter"))
-        .args([
-            "--config.file",
-            config.to_str().unwrap(),
-            "--web.listen-address",
-            "127.0.0.1:0",
-            "--log.level",
-            "info",
-        ])
-        .env("MAXAPI_KEY", MAXAPI_KEY)
-        .env("APIMALL_KEY", APIMALL_KEY)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("exporter binary starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let address = loop {
-        let line = lines
-            .next()
-            .expect("exporter log ends before it listens")
-            .unwrap();
-        if line.contains("msg=listening") {
-            let at = line.find("address=").unwrap() + "address=".len();
-            break line[at..].split_whitespace().next().unwrap().to_string();
-        }
-    };
-    // Keep draining the log so the exporter never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Binary {
-        child,
-        metrics_url: format!("http://{address}/metrics"),
-    }
-}
-
-async fn scrape(url: &str) -> Scrape {
-    Scrape::parse(&reqwest::get(url).await.unwrap().text().await.unwrap())
+/// The exporter binary on `config`, once listening.
+async fn start_binary(config: &Path) -> Binary {
+    let args = [
+        "--config.file",
+        config.to_str().unwrap(),
+        "--web.listen-address",
+        "127.0.0.1:0",
+        "--log.level",
+        "info",
+    ];
+    Binary::start_with_env(
+        &args,
+        &[("MAXAPI_KEY", MAXAPI_KEY), ("APIMALL_KEY", APIMALL_KEY)],
+    )
+    .await
 }
 
 /// Every counter sample of `before` (counters and histogram parts) is at least as large in `after`.
@@ -181,13 +143,13 @@ async fn kill_9_mid_way_loses_nothing_and_counts_nothing_twice() {
     // maxapi tasks reach the exporter through a task file, as a submitting job would write it.
     common::spawn_task_file_writer(sim.clone(), SimProvider::Maxapi, ids_file.clone());
 
-    let mut first = start_binary(&config);
+    let mut first = start_binary(&config).await;
     sim.spawn_workload();
 
     // Run until about a third of the work is counted, then kill -9.
     let total = (2 * TASKS) as f64;
     let before = loop {
-        let m = scrape(&first.metrics_url).await;
+        let m = first.scrape().await;
         let counted = m.sum("genai_task_completions_total", &[]);
         if counted >= total / 3.0 {
             break m;
@@ -200,8 +162,8 @@ async fn kill_9_mid_way_loses_nothing_and_counts_nothing_twice() {
     println!("killed with {counted_before} of {total} tasks counted");
     assert!(counted_before < total, "the kill must happen mid-way");
 
-    let second = start_binary(&config);
-    let after_restart = scrape(&second.metrics_url).await;
+    let second = start_binary(&config).await;
+    let after_restart = second.scrape().await;
     let lower = never_lower(&before, &after_restart);
     assert!(
         lower.is_empty(),
@@ -212,7 +174,7 @@ async fn kill_9_mid_way_loses_nothing_and_counts_nothing_twice() {
     let deadline = Instant::now() + Duration::from_secs(120);
     let (truth, m) = loop {
         let truth = sim.truth();
-        let m = scrape(&second.metrics_url).await;
+        let m = second.scrape().await;
         let expected: u64 = truth
             .providers
             .values()
@@ -220,7 +182,7 @@ async fn kill_9_mid_way_loses_nothing_and_counts_nothing_twice() {
             .sum();
         if truth.drained && m.sum("genai_task_completions_total", &[]) >= expected as f64 {
             tokio::time::sleep(Duration::from_millis(600)).await;
-            break (sim.truth(), scrape(&second.metrics_url).await);
+            break (sim.truth(), second.scrape().await);
         }
         assert!(
             Instant::now() < deadline,

@@ -5,24 +5,14 @@
 
 mod common;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use common::{Exporter, FakeUpstream, Reply};
+use common::{Exporter, FakeUpstream, Reply, ago};
 use serde_json::{Value, json};
 
 const MX_KEY: &str = "mx-schedule-key-7d21";
 const WAIT: Duration = Duration::from_secs(20);
 const FINISHED: u64 = 24;
-
-/// RFC 3339 time `seconds_ago` before a recent whole second.
-fn ago(seconds_ago: u64) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let t = UNIX_EPOCH + Duration::from_secs(now - seconds_ago);
-    humantime::format_rfc3339_micros(t).to_string()
-}
 
 fn id(k: u64) -> String {
     format!("5c0f2b1e-9a4d-4e8b-8c3f-{k:012}")

@@ -508,8 +508,44 @@ pub fn promtool_check_metrics(text: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
+// Upstream answers
+// ---------------------------------------------------------------------------------------
+
+/// RFC 3339 time `seconds_ago` before a recent whole second (tasks older than
+/// `max_task_age` are dropped, so test tasks must be recent; whole seconds keep latencies
+/// exact).
+pub fn ago(seconds_ago: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(now - seconds_ago);
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+/// A maxapi get-task answer for a `nano-banana` task created 20 s ago; `reason` becomes
+/// `failure_reason` when it is not null (and always for `FAILURE`).
+pub fn maxapi_task(id: &str, status: &str, reason: serde_json::Value) -> serde_json::Value {
+    let mut data = serde_json::json!({
+        "taskId": id,
+        "status": status,
+        "input": {"model": "nano-banana", "prompt": "a cat"},
+        "result": null,
+        "created_at": ago(20),
+        "updated_at": ago(2)
+    });
+    if !reason.is_null() || status == "FAILURE" {
+        data["failure_reason"] = reason;
+    }
+    serde_json::json!({"code": 0, "msg": "ok", "data": data})
+}
+
+// ---------------------------------------------------------------------------------------
 // The real binary
 // ---------------------------------------------------------------------------------------
+
+/// The exporter binary built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_genai-task-exporter");
 
 /// The exporter binary, started with `args`, its stderr collected line by line.
 pub struct Binary {
@@ -527,10 +563,17 @@ impl Binary {
 
     /// Like [`start`](Self::start), with extra environment variables for the child.
     pub async fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Binary {
+        let mut command = std::process::Command::new(BIN);
+        command.args(args).envs(env.iter().copied());
+        Binary::start_command(command).await
+    }
+
+    /// Starts `command`: the binary, or a wrapper (`prlimit ... --`) with the binary
+    /// ([`BIN`]) among its arguments. Waits for the `listening` line as [`start`](Self::start)
+    /// does.
+    pub async fn start_command(mut command: std::process::Command) -> Binary {
         use std::io::BufRead;
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_genai-task-exporter"))
-            .args(args)
-            .envs(env.iter().copied())
+        let mut child = command
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -545,7 +588,7 @@ impl Binary {
                 sink.lock().unwrap().push(line);
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
         let addr = loop {
             let found = logs.lock().unwrap().iter().find_map(|l| {
                 let rest = l.split(" address=").nth(1)?;
@@ -621,14 +664,20 @@ impl Binary {
     /// SIGTERM, then waits for the exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         self.signal("TERM");
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.wait_exit(Duration::from_secs(20)).0
+    }
+
+    /// Waits up to `limit` for the exit (else kills it and panics with the logs); the status
+    /// and the time it took.
+    pub fn wait_exit(&mut self, limit: Duration) -> (std::process::ExitStatus, Duration) {
+        let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
+                return (status, start.elapsed());
             }
-            if Instant::now() > deadline {
+            if start.elapsed() > limit {
                 let _ = self.child.kill();
-                panic!("binary did not stop on SIGTERM");
+                panic!("no exit within {limit:?}; logs:\n{}", self.logs());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
