@@ -342,13 +342,7 @@ async fn a_task_moving_to_success_is_counted_once_and_then_left_alone() {
         .wait_for(WAIT, |m| m.sum("genai_task_completions_total", &[]) == 1.0)
         .await;
     // A canary polled three more times shows the poller went round after SUCCESS.
-    fake.script(
-        "/api/v1/task/canary",
-        vec![Reply::json(
-            200,
-            maxapi_task("canary", "PROCESSING", Value::Null),
-        )],
-    );
+    fake.script_maxapi_task("canary", "PROCESSING");
     exporter.track("mx", "canary");
     fake.wait_for_more_hits("/api/v1/task/canary", 3, WAIT)
         .await;
@@ -466,13 +460,7 @@ async fn upstream_errors_are_counted_by_code_and_kind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_broken_task_does_not_mark_the_provider_down() {
     let fake = FakeUpstream::start().await;
-    fake.script(
-        "/api/v1/task/fine",
-        vec![Reply::json(
-            200,
-            maxapi_task("fine", "SUCCESS", Value::Null),
-        )],
-    );
+    fake.script_maxapi_task("fine", "SUCCESS");
     fake.script(
         "/api/v1/task/garbled",
         vec![Reply::raw(200, "{\"code\": 0, \"data\": {")],
@@ -650,10 +638,7 @@ async fn requests_stay_within_requests_per_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_and_landing_page() {
     let fake = FakeUpstream::start().await;
-    fake.script(
-        "/api/v1/task/t1",
-        vec![Reply::json(200, maxapi_task("t1", "PENDING", Value::Null))],
-    );
+    fake.script_maxapi_task("t1", "PENDING");
     let dir = tempfile::tempdir().unwrap();
     let exporter = start_maxapi(&fake, &["t1"], &dir).await;
     let ready = async {

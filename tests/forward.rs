@@ -112,6 +112,48 @@ fn submit_answer(id: &str) -> serde_json::Value {
     json!({"code": 0, "msg": "ok", "data": {"taskId": id}})
 }
 
+/// Two replicas of `count` shards: `receiver` (shard `receiver_shard`, started with
+/// `receiver_env`) listening on a port chosen here, and `entry` (shard `entry_shard`), the
+/// one the application talks to, whose `peer_url_template` is `template` with `{port}`
+/// replaced by the receiver's port.
+struct Replicas {
+    receiver: Exporter,
+    entry: Exporter,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+impl Replicas {
+    async fn start(
+        upstream: &str,
+        count: u32,
+        (receiver_shard, receiver_env): (u32, &[(&str, &str)]),
+        (entry_shard, template): (u32, &str),
+    ) -> Replicas {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let receiver = Exporter::start_on(
+            listener,
+            &yaml(upstream, receiver_shard, count, None),
+            receiver_env,
+            dirs[0].path(),
+        )
+        .await;
+        let template = template.replace("{port}", &port.to_string());
+        let entry = Exporter::start(
+            &yaml(upstream, entry_shard, count, Some(template)),
+            &ENV,
+            dirs[1].path(),
+        )
+        .await;
+        Replicas {
+            receiver,
+            entry,
+            _dirs: dirs,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_submitted_through_a_replica_that_does_not_own_it_reaches_its_owner() {
     genai_task_exporter::upstream::install_crypto_provider();
@@ -125,25 +167,17 @@ async fn an_id_submitted_through_a_replica_that_does_not_own_it_reaches_its_owne
 
     // Shard 1 owns the id; shard 0 takes the application's request. The template sends
     // shard 1's share to 127.0.0.1 (shard 0's address, 127.0.0.0, is never used here).
-    let owner_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let owner_port = owner_listener.local_addr().unwrap().port();
-    let owner_dir = tempfile::tempdir().unwrap();
-    let owner = Exporter::start_on(
-        owner_listener,
-        &yaml(&upstream.url(), 1, 2, None),
-        &ENV,
-        owner_dir.path(),
+    let Replicas {
+        receiver: owner,
+        entry,
+        _dirs,
+    } = Replicas::start(
+        &upstream.url(),
+        2,
+        (1, &ENV),
+        (0, "http://127.0.0.{index}:{port}"),
     )
     .await;
-    let entry_dir = tempfile::tempdir().unwrap();
-    let template = format!("http://127.0.0.{{index}}:{owner_port}");
-    let entry = Exporter::start(
-        &yaml(&upstream.url(), 0, 2, Some(template)),
-        &ENV,
-        entry_dir.path(),
-    )
-    .await;
-
     submit_through(&client, &entry, &submit_answer(&id).to_string()).await;
 
     until_tracked(&client, &owner, &id).await;
@@ -186,29 +220,17 @@ async fn with_ha_copies_the_copy_that_did_not_see_the_submission_learns_it() {
 
     // Two copies of one shard; the template names the other copy (in a cluster: a headless
     // Service resolving to every copy, this replica skipping itself).
-    let other_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let other_port = other_listener.local_addr().unwrap().port();
-    let other_dir = tempfile::tempdir().unwrap();
-    let other = Exporter::start_on(
-        other_listener,
-        &yaml(&upstream.url(), 0, 1, None),
-        &ENV,
-        other_dir.path(),
+    let Replicas {
+        receiver: other,
+        entry,
+        _dirs,
+    } = Replicas::start(
+        &upstream.url(),
+        1,
+        (0, &ENV),
+        (0, "http://127.0.0.1:{port}"),
     )
     .await;
-    let entry_dir = tempfile::tempdir().unwrap();
-    let entry = Exporter::start(
-        &yaml(
-            &upstream.url(),
-            0,
-            1,
-            Some(format!("http://127.0.0.1:{other_port}")),
-        ),
-        &ENV,
-        entry_dir.path(),
-    )
-    .await;
-
     submit_through(&client, &entry, &submit_answer(&id).to_string()).await;
 
     until_tracked(&client, &entry, &id).await;
@@ -235,30 +257,18 @@ async fn a_wrong_token_is_counted_as_rejected_and_not_retried() {
     );
     let client = reqwest::Client::new();
 
-    let owner_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let owner_port = owner_listener.local_addr().unwrap().port();
-    let owner_dir = tempfile::tempdir().unwrap();
     let other_token = [("FORWARD_TEST_API_TOKEN", "another-token"), ENV[1]];
-    let owner = Exporter::start_on(
-        owner_listener,
-        &yaml(&upstream.url(), 1, 2, None),
-        &other_token,
-        owner_dir.path(),
+    let Replicas {
+        receiver: owner,
+        entry,
+        _dirs,
+    } = Replicas::start(
+        &upstream.url(),
+        2,
+        (1, &other_token),
+        (0, "http://127.0.0.{index}:{port}"),
     )
     .await;
-    let entry_dir = tempfile::tempdir().unwrap();
-    let entry = Exporter::start(
-        &yaml(
-            &upstream.url(),
-            0,
-            2,
-            Some(format!("http://127.0.0.{{index}}:{owner_port}")),
-        ),
-        &ENV,
-        entry_dir.path(),
-    )
-    .await;
-
     submit_through(&client, &entry, &submit_answer(&id).to_string()).await;
 
     until_forwarded(&entry, "rejected", 1.0).await;

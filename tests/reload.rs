@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{Binary, Exporter, FakeUpstream, Reply, Scrape, maxapi_task};
+use common::{Binary, Exporter, FakeUpstream, Scrape, maxapi_task};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -41,6 +41,12 @@ impl Files {
     fn config(&self) -> PathBuf {
         self.path("config.yaml")
     }
+}
+
+/// The block of provider `one` on `base_url`, tracking `task`, its key file written.
+fn provider_one(files: &Files, base_url: &str, task: &str) -> String {
+    files.write("one.key", "key-one");
+    provider("one", base_url, &files.path("one.key"), &[task])
 }
 
 /// One maxapi provider block.
@@ -99,31 +105,12 @@ async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_adds_and_removes_providers_and_keeps_counters() {
     let fake = FakeUpstream::start().await;
-    fake.script(
-        "/api/v1/task/t-one",
-        vec![Reply::json(
-            200,
-            maxapi_task("t-one", "SUCCESS", Value::Null),
-        )],
-    );
-    fake.script(
-        "/api/v1/task/t-two",
-        vec![Reply::json(
-            200,
-            maxapi_task("t-two", "SUCCESS", Value::Null),
-        )],
-    );
-    fake.script(
-        "/api/v1/task/t-two-pending",
-        vec![Reply::json(
-            200,
-            maxapi_task("t-two-pending", "PENDING", Value::Null),
-        )],
-    );
+    fake.script_maxapi_task("t-one", "SUCCESS");
+    fake.script_maxapi_task("t-two", "SUCCESS");
+    fake.script_maxapi_task("t-two-pending", "PENDING");
     let files = Files::new();
-    files.write("one.key", "key-one");
     files.write("two.key", "key-two");
-    let one = provider("one", &fake.url(), &files.path("one.key"), &["t-one"]);
+    let one = provider_one(&files, &fake.url(), "t-one");
     let two = provider(
         "two",
         &fake.url(),
@@ -215,16 +202,9 @@ async fn reload_adds_and_removes_providers_and_keeps_counters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_file_is_refused_and_the_running_configuration_stays() {
     let fake = FakeUpstream::start().await;
-    fake.script(
-        "/api/v1/task/t-slow",
-        vec![Reply::json(
-            200,
-            maxapi_task("t-slow", "PROCESSING", Value::Null),
-        )],
-    );
+    fake.script_maxapi_task("t-slow", "PROCESSING");
     let files = Files::new();
-    files.write("one.key", "key-one");
-    let one = provider("one", &fake.url(), &files.path("one.key"), &["t-slow"]);
+    let one = provider_one(&files, &fake.url(), "t-slow");
     let good = config_yaml(&files, std::slice::from_ref(&one));
     files.write("config.yaml", &good);
     let exporter = Exporter::start_from_file(&files.config()).await;
@@ -285,13 +265,7 @@ async fn a_bad_file_is_refused_and_the_running_configuration_stays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_re_reads_token_files() {
     let fake = FakeUpstream::start().await;
-    fake.script(
-        "/api/v1/task/t-long",
-        vec![Reply::json(
-            200,
-            maxapi_task("t-long", "PROCESSING", Value::Null),
-        )],
-    );
+    fake.script_maxapi_task("t-long", "PROCESSING");
     let files = Files::new();
     files.write("one.key", "key-before-rotation");
     let one = provider("one", &fake.url(), &files.path("one.key"), &["t-long"]);
@@ -353,24 +327,11 @@ async fn reload_re_reads_token_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_real_binary() {
     let fake = FakeUpstream::start().await;
-    fake.script(
-        "/api/v1/task/t-one",
-        vec![Reply::json(
-            200,
-            maxapi_task("t-one", "SUCCESS", Value::Null),
-        )],
-    );
-    fake.script(
-        "/api/v1/task/t-two",
-        vec![Reply::json(
-            200,
-            maxapi_task("t-two", "SUCCESS", Value::Null),
-        )],
-    );
+    fake.script_maxapi_task("t-one", "SUCCESS");
+    fake.script_maxapi_task("t-two", "SUCCESS");
     let files = Files::new();
-    files.write("one.key", "key-one");
     files.write("two.key", "key-two");
-    let one = provider("one", &fake.url(), &files.path("one.key"), &["t-one"]);
+    let one = provider_one(&files, &fake.url(), "t-one");
     let two = provider("two", &fake.url(), &files.path("two.key"), &["t-two"]);
     files.write(
         "config.yaml",
@@ -427,16 +388,9 @@ async fn sighup_reloads_the_real_binary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unusable_values_are_refused_and_polling_goes_on() {
     let fake = FakeUpstream::start().await;
-    fake.script(
-        "/api/v1/task/t-slow",
-        vec![Reply::json(
-            200,
-            maxapi_task("t-slow", "PROCESSING", Value::Null),
-        )],
-    );
+    fake.script_maxapi_task("t-slow", "PROCESSING");
     let files = Files::new();
-    files.write("one.key", "key-one");
-    let one = provider("one", &fake.url(), &files.path("one.key"), &["t-slow"]);
+    let one = provider_one(&files, &fake.url(), "t-slow");
     let good = config_yaml(&files, std::slice::from_ref(&one));
     files.write("config.yaml", &good);
     let exporter = Exporter::start_from_file(&files.config()).await;
@@ -545,16 +499,9 @@ async fn sighup_during_start_up_does_not_kill_the_binary() {
     use std::io::BufRead;
     genai_task_exporter::upstream::install_crypto_provider();
     let fake = FakeUpstream::start().await;
-    fake.script(
-        "/api/v1/task/t-one",
-        vec![Reply::json(
-            200,
-            maxapi_task("t-one", "SUCCESS", Value::Null),
-        )],
-    );
+    fake.script_maxapi_task("t-one", "SUCCESS");
     let files = Files::new();
-    files.write("one.key", "key-one");
-    let one = provider("one", &fake.url(), &files.path("one.key"), &["t-one"]);
+    let one = provider_one(&files, &fake.url(), "t-one");
     files.write("config.yaml", &config_yaml(&files, &[one]));
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_genai-task-exporter"))
         .args([
@@ -665,16 +612,9 @@ async fn sighup_during_start_up_does_not_kill_the_binary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_panics_leaves_every_endpoint_answering() {
     let fake = FakeUpstream::start().await;
-    fake.script(
-        "/api/v1/task/t-run",
-        vec![Reply::json(
-            200,
-            maxapi_task("t-run", "PROCESSING", Value::Null),
-        )],
-    );
+    fake.script_maxapi_task("t-run", "PROCESSING");
     let files = Files::new();
-    files.write("one.key", "key-one");
-    let one = provider("one", &fake.url(), &files.path("one.key"), &["t-run"]);
+    let one = provider_one(&files, &fake.url(), "t-run");
     let good = config_yaml(&files, std::slice::from_ref(&one));
     files.write("config.yaml", &good);
     let exporter = Exporter::start_from_file(&files.config()).await;

@@ -105,6 +105,15 @@ impl FakeUpstream {
             .insert(path.to_string(), replies.into());
     }
 
+    /// Answers maxapi's get-task for `id` with [`maxapi_task`] in `status`, always.
+    pub fn script_maxapi_task(&self, id: &str, status: &str) {
+        let answer = maxapi_task(id, status, serde_json::Value::Null);
+        self.script(
+            &format!("/api/v1/task/{id}"),
+            vec![Reply::json(200, answer)],
+        );
+    }
+
     /// Requests seen for `path`.
     pub fn hits(&self, path: &str) -> Vec<Instant> {
         self.state
