@@ -89,35 +89,15 @@ impl StoreError {
     }
 }
 
-/// CRC-32 (IEEE), table-driven; the table is built at compile time.
-const CRC_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-};
-
+/// CRC-32 (IEEE) of `parts` in a row. `crc32fast` uses the CPU's carry-less multiply where
+/// there is one: start-up checks every row, and a bytewise table made a million-task restart
+/// half a second slower (`BENCHMARKS.md`).
 fn crc32(parts: &[&[u8]]) -> u32 {
-    let mut crc = !0u32;
+    let mut hasher = crc32fast::Hasher::new();
     for part in parts {
-        for &b in *part {
-            crc = CRC_TABLE[((crc ^ b as u32) & 0xFF) as usize] ^ (crc >> 8);
-        }
+        hasher.update(part);
     }
-    !crc
+    hasher.finalize()
 }
 
 /// `value` followed by the CRC-32 of `key` and `value`.

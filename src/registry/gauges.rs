@@ -28,7 +28,24 @@ impl Inner {
         status: Status,
         old_key: Option<i64>,
     ) {
-        let (old_model, old_status, was_in_flight, current_key) = {
+        let change = self.set_counted_state(slot, model, status);
+        if change.was_in_flight {
+            decrement(&mut self.in_flight, old_key.unwrap_or(change.key));
+        }
+        if change.in_flight {
+            *self.in_flight.entry(change.key).or_insert(0) += 1;
+        }
+    }
+
+    /// [`set_state`](Self::set_state) but for the `in_flight` map, which the caller updates
+    /// (a restore collects the keys and builds the map once).
+    pub(super) fn set_counted_state(
+        &mut self,
+        slot: u32,
+        model: u16,
+        status: Status,
+    ) -> InFlightChange {
+        let (old_model, old_status, was_in_flight, key) = {
             let t = self.task(slot);
             (t.model, t.status, t.has(IN_FLIGHT), t.in_flight_key())
         };
@@ -37,17 +54,16 @@ impl Inner {
             self.counts.push([0; 7]);
         }
         self.counts[model as usize][status.index()] += 1;
-        if was_in_flight {
-            decrement(&mut self.in_flight, old_key.unwrap_or(current_key));
-        }
         let in_flight = status.is_in_flight();
-        if in_flight {
-            *self.in_flight.entry(current_key).or_insert(0) += 1;
-        }
         let t = self.task_mut(slot);
         t.model = model;
         t.status = status;
         t.set(IN_FLIGHT, in_flight);
+        InFlightChange {
+            was_in_flight,
+            in_flight,
+            key,
+        }
     }
 
     /// Takes a task just removed from its slot out of the gauges.
@@ -74,6 +90,14 @@ impl Inner {
             tracked: self.index.len() as u64,
         }
     }
+}
+
+/// What a status change means for the `in_flight` map.
+pub(super) struct InFlightChange {
+    pub(super) was_in_flight: bool,
+    pub(super) in_flight: bool,
+    /// The task's key in the map ([`Task::in_flight_key`](super::table::Task::in_flight_key)).
+    pub(super) key: i64,
 }
 
 fn decrement(map: &mut BTreeMap<i64, u32>, key: i64) {

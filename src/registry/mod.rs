@@ -498,7 +498,7 @@ impl ProviderTasks {
     /// Restores many records under one lock (start-up: a million records take a second,
     /// not a million lock round trips). Polling waits until the restorer is dropped.
     pub(crate) fn restorer(&self) -> Restorer<'_> {
-        Restorer { inner: self.lock() }
+        Restorer::new(self.lock())
     }
 }
 
