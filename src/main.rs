@@ -256,6 +256,7 @@ async fn run_demo(exporter_address: &str, simulator_address: &str, signals: Sign
                 return ExitCode::FAILURE;
             }
         };
+    demo::start_proxied_client(exporter);
     print!("{}", demo::banner(exporter, simulator));
     let _ = std::io::Write::flush(&mut std::io::stdout());
     let code = serve(application, signals).await;

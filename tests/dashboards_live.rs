@@ -20,39 +20,11 @@ use common::demo::{Demo, url_after};
 
 /// Panels that may show nothing in a demo that has run for about a minute, with the reason.
 /// ("Days of balance left" is not here: the demo polls the balance every 15 s while it spends.)
-const ALLOWED_EMPTY: &[(&str, &str, &str)] = &[
-    (
-        "genai-task-exporter.json",
-        "Dropped tasks by reason",
-        "needs a dropped task (6 h max age, not found upstream, or deleted through the API)",
-    ),
-    // The "Application traffic" row: the demo has no application sending requests through
-    // the proxy (tests/proxy_e2e.rs checks those series against the simulator instead).
-    ("genai-tasks.json", "Proxied requests/s by code", PROXY_ONLY),
-    (
-        "genai-tasks.json",
-        "Proxied requests/s by endpoint",
-        PROXY_ONLY,
-    ),
-    ("genai-tasks.json", "Proxied request latency", PROXY_ONLY),
-    (
-        "genai-tasks.json",
-        "Application 429 and 5xx ratio",
-        PROXY_ONLY,
-    ),
-    (
-        "genai-tasks.json",
-        "Submit rejections per minute by reason",
-        PROXY_ONLY,
-    ),
-    (
-        "genai-tasks.json",
-        "Tasks discovered through the proxy per minute",
-        PROXY_ONLY,
-    ),
-];
-const PROXY_ONLY: &str =
-    "needs application traffic through the proxy, which the demo does not send";
+const ALLOWED_EMPTY: &[(&str, &str, &str)] = &[(
+    "genai-task-exporter.json",
+    "Dropped tasks by reason",
+    "needs a dropped task (6 h max age, not found upstream, or deleted through the API)",
+)];
 
 /// How long the panels may take to all show data once Prometheus has its first samples.
 const DATA_DEADLINE: Duration = Duration::from_secs(90);
