@@ -125,7 +125,7 @@ pub fn start_simulator(sim: Simulator, listener: TcpListener) {
 /// Starts the demo's client application: it submits maxapi tasks through the exporter's
 /// proxy at `exporter` (its `base_url` pointed at `/proxy/maxapi`, its own key in
 /// `Authorization`) and polls them there until they finish, so the dashboards' "Application
-/// traffic" row has data. Runs until the process ends; a failed request is tried again next
+/// traffic" row has data. Runs until the process ends; a failed poll is tried again next
 /// round.
 pub fn start_proxied_client(exporter: SocketAddr) {
     tokio::spawn(async move {
