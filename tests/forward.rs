@@ -77,22 +77,12 @@ async fn until_tracked(client: &reqwest::Client, exporter: &Exporter, id: &str) 
 
 /// Waits until `exporter` shows `value` for `genai_proxy_forwarded_total{outcome}`.
 async fn until_forwarded(exporter: &Exporter, outcome: &str, value: f64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let scrape = exporter.scrape().await;
-        let seen = scrape.sum(
-            "genai_proxy_forwarded_total",
-            &[("provider", "maxapi"), ("outcome", outcome)],
-        );
-        if seen == value {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "forwarded {outcome} stays {seen}, expected {value}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let labels = [("provider", "maxapi"), ("outcome", outcome)];
+    exporter
+        .wait_for(WAIT, |s| {
+            s.sum("genai_proxy_forwarded_total", &labels) == value
+        })
+        .await;
 }
 
 /// The application submits through `exporter`'s proxy; the answer is the provider's.
@@ -106,6 +96,17 @@ async fn submit_through(client: &reqwest::Client, exporter: &Exporter, upstream_
         .unwrap();
     assert_eq!(answer.status(), 200);
     assert_eq!(answer.text().await.unwrap(), upstream_answer);
+}
+
+/// The provider, answering every submission with task `id`.
+async fn upstream_accepting(id: &str) -> FakeUpstream {
+    genai_task_exporter::upstream::install_crypto_provider();
+    let upstream = FakeUpstream::start().await;
+    upstream.script(
+        "/api/v1/task/submit",
+        vec![Reply::json(200, submit_answer(id))],
+    );
+    upstream
 }
 
 fn submit_answer(id: &str) -> serde_json::Value {
@@ -156,13 +157,8 @@ impl Replicas {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_id_submitted_through_a_replica_that_does_not_own_it_reaches_its_owner() {
-    genai_task_exporter::upstream::install_crypto_provider();
-    let upstream = FakeUpstream::start().await;
     let id = id_owned_by(1, 2);
-    upstream.script(
-        "/api/v1/task/submit",
-        vec![Reply::json(200, submit_answer(&id))],
-    );
+    let upstream = upstream_accepting(&id).await;
     let client = reqwest::Client::new();
 
     // Shard 1 owns the id; shard 0 takes the application's request. The template sends
@@ -209,13 +205,8 @@ async fn an_id_submitted_through_a_replica_that_does_not_own_it_reaches_its_owne
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_ha_copies_the_copy_that_did_not_see_the_submission_learns_it() {
-    genai_task_exporter::upstream::install_crypto_provider();
-    let upstream = FakeUpstream::start().await;
     let id = id_owned_by(0, 1);
-    upstream.script(
-        "/api/v1/task/submit",
-        vec![Reply::json(200, submit_answer(&id))],
-    );
+    let upstream = upstream_accepting(&id).await;
     let client = reqwest::Client::new();
 
     // Two copies of one shard; the template names the other copy (in a cluster: a headless
@@ -248,13 +239,8 @@ async fn with_ha_copies_the_copy_that_did_not_see_the_submission_learns_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_is_counted_as_rejected_and_not_retried() {
-    genai_task_exporter::upstream::install_crypto_provider();
-    let upstream = FakeUpstream::start().await;
     let id = id_owned_by(1, 2);
-    upstream.script(
-        "/api/v1/task/submit",
-        vec![Reply::json(200, submit_answer(&id))],
-    );
+    let upstream = upstream_accepting(&id).await;
     let client = reqwest::Client::new();
 
     let other_token = [("FORWARD_TEST_API_TOKEN", "another-token"), ENV[1]];

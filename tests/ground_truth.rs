@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Exporter, Scrape, compare_with_truth as compare};
+use common::{Exporter, Scrape, compare_with_truth as compare, until_drained};
 use genai_task_exporter::simulator::{
     FailureMix, Faults, GroundTruth, ModelKind, ModelSim, Outage, ProviderSim, Register, SimConfig,
     Simulator, Workload,
@@ -121,49 +121,23 @@ async fn start(config: SimConfig, requests_per_second: u32) -> Run {
     }
 }
 
-fn terminal_total(truth: &GroundTruth) -> f64 {
-    truth
-        .providers
-        .values()
-        .map(|p| p.totals.terminal.total() as f64)
-        .sum()
-}
-
-/// Waits until the simulator has drained and the exporter has counted every terminal task.
+/// Waits until the simulator has drained and the exporter has counted every terminal task;
+/// on a timeout, lists the tasks the exporter still has in flight.
 async fn drain(run: &Run, timeout: Duration) -> (GroundTruth, Scrape) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let truth = run.sim.truth();
-        let scrape = run.exporter.scrape().await;
-        if truth.drained
-            && scrape.sum("genai_task_completions_total", &[]) >= terminal_total(&truth)
-        {
-            // One more flush and scrape: nothing may move past the truth afterwards.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            return (run.sim.truth(), run.exporter.scrape().await);
-        }
-        if Instant::now() > deadline {
-            let unfinished: Vec<String> = run
-                .exporter
-                .app
-                .registry
-                .providers()
-                .iter()
-                .flat_map(|p| p.list(None, 10_000))
-                .filter(|t| !Status::parse(t.status).unwrap().is_terminal())
-                .map(|t| format!("{t:?}"))
-                .collect();
-            panic!(
-                "not drained in {timeout:?}: simulator drained={} terminal={}, exporter counted {}, discovered {}; unfinished tasks:\n{}",
-                truth.drained,
-                terminal_total(&truth),
-                scrape.sum("genai_task_completions_total", &[]),
-                scrape.sum("genai_task_discovered_total", &[]),
-                unfinished.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let unfinished = || {
+        let tasks: Vec<String> = run
+            .exporter
+            .app
+            .registry
+            .providers()
+            .iter()
+            .flat_map(|p| p.list(None, 10_000))
+            .filter(|t| !Status::parse(t.status).unwrap().is_terminal())
+            .map(|t| format!("{t:?}"))
+            .collect();
+        format!("; unfinished tasks:\n{}", tasks.join("\n"))
+    };
+    until_drained(&run.sim, timeout, || run.exporter.scrape(), unfinished).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

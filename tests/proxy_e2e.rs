@@ -247,17 +247,7 @@ async fn an_application_through_the_proxy_is_counted_once_and_not_polled_twice()
     // The application polls every 100 ms until each of its tasks is finished.
     while tasks.iter().any(|t| !t.done) {
         for task in tasks.iter_mut().filter(|t| !t.done) {
-            let url = format!("{proxy}/proxy/{}{}", task.provider, task.path);
-            let answer = send(http.get(url).bearer_auth(APP_KEY)).await;
-            task.polls += 1;
-            assert_eq!(
-                answer.status,
-                200,
-                "{}",
-                String::from_utf8_lossy(&answer.body)
-            );
-            let json: Value = serde_json::from_slice(&answer.body).unwrap();
-            task.done = is_terminal(task.provider, &json);
+            poll(&http, &proxy, task).await;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

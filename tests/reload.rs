@@ -49,6 +49,14 @@ fn provider_one(files: &Files, base_url: &str, task: &str) -> String {
     provider("one", base_url, &files.path("one.key"), &[task])
 }
 
+/// Writes `config.yaml` with provider `one` alone (see [`provider_one`]); returns its text.
+fn write_config_of_one(files: &Files, base_url: &str, task: &str) -> String {
+    let one = provider_one(files, base_url, task);
+    let yaml = config_yaml(files, &[one]);
+    files.write("config.yaml", &yaml);
+    yaml
+}
+
 /// One maxapi provider block.
 fn provider(name: &str, base_url: &str, key_file: &Path, tasks: &[&str]) -> String {
     format!(
@@ -204,9 +212,7 @@ async fn a_bad_file_is_refused_and_the_running_configuration_stays() {
     let fake = FakeUpstream::start().await;
     fake.script_maxapi_task("t-slow", "PROCESSING");
     let files = Files::new();
-    let one = provider_one(&files, &fake.url(), "t-slow");
-    let good = config_yaml(&files, std::slice::from_ref(&one));
-    files.write("config.yaml", &good);
+    let good = write_config_of_one(&files, &fake.url(), "t-slow");
     let exporter = Exporter::start_from_file(&files.config()).await;
     let (_, started_at) = reload_gauges(&exporter.scrape().await);
 
@@ -390,9 +396,7 @@ async fn unusable_values_are_refused_and_polling_goes_on() {
     let fake = FakeUpstream::start().await;
     fake.script_maxapi_task("t-slow", "PROCESSING");
     let files = Files::new();
-    let one = provider_one(&files, &fake.url(), "t-slow");
-    let good = config_yaml(&files, std::slice::from_ref(&one));
-    files.write("config.yaml", &good);
+    let good = write_config_of_one(&files, &fake.url(), "t-slow");
     let exporter = Exporter::start_from_file(&files.config()).await;
     let requests = |m: &Scrape| m.sum("genai_upstream_requests_total", &[("provider", "one")]);
     exporter.wait_for(WAIT, |m| requests(m) >= 1.0).await;
@@ -614,9 +618,7 @@ async fn a_reload_that_panics_leaves_every_endpoint_answering() {
     let fake = FakeUpstream::start().await;
     fake.script_maxapi_task("t-run", "PROCESSING");
     let files = Files::new();
-    let one = provider_one(&files, &fake.url(), "t-run");
-    let good = config_yaml(&files, std::slice::from_ref(&one));
-    files.write("config.yaml", &good);
+    let good = write_config_of_one(&files, &fake.url(), "t-run");
     let exporter = Exporter::start_from_file(&files.config()).await;
     fake.wait_for_more_hits("/api/v1/task/t-run", 1, WAIT).await;
 

@@ -6,9 +6,9 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Binary, Scrape, compare_with_truth};
+use common::{Binary, Scrape, compare_with_truth, until_drained};
 use genai_task_exporter::simulator::{
     Faults, ModelKind, ModelSim, ProviderSim, SimConfig, SimProvider, Simulator, Workload,
 };
@@ -171,26 +171,13 @@ async fn kill_9_mid_way_loses_nothing_and_counts_nothing_twice() {
         lower.join("\n")
     );
 
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let (truth, m) = loop {
-        let truth = sim.truth();
-        let m = second.scrape().await;
-        let expected: u64 = truth
-            .providers
-            .values()
-            .map(|p| p.totals.terminal.total())
-            .sum();
-        if truth.drained && m.sum("genai_task_completions_total", &[]) >= expected as f64 {
-            tokio::time::sleep(Duration::from_millis(600)).await;
-            break (sim.truth(), second.scrape().await);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not drained: truth {expected}, counted {}",
-            m.sum("genai_task_completions_total", &[])
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (truth, m) = until_drained(
+        &sim,
+        Duration::from_secs(120),
+        || second.scrape(),
+        String::new,
+    )
+    .await;
     let mismatches = compare_with_truth(&truth, &m);
     assert!(
         mismatches.is_empty(),

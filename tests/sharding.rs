@@ -5,9 +5,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Exporter, Scrape, compare_with_truth};
+use common::{Exporter, Scrape, compare_with_truth, until_drained};
 use genai_task_exporter::simulator::{
     GroundTruth, ModelKind, ModelSim, ProviderSim, SimConfig, SimProvider, Simulator, Workload,
 };
@@ -106,26 +106,13 @@ async fn scrape_all(shards: &[Exporter]) -> Scrape {
 }
 
 async fn drain(c: &Cluster, shards: &[Exporter]) -> (GroundTruth, Scrape) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let truth = c.sim.truth();
-        let expected: u64 = truth
-            .providers
-            .values()
-            .map(|p| p.totals.terminal.total())
-            .sum();
-        let m = scrape_all(shards).await;
-        if truth.drained && m.sum("genai_task_completions_total", &[]) >= expected as f64 {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            return (c.sim.truth(), scrape_all(shards).await);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not drained: {expected} finished, {} counted",
-            m.sum("genai_task_completions_total", &[])
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_drained(
+        &c.sim,
+        Duration::from_secs(90),
+        || scrape_all(shards),
+        String::new,
+    )
+    .await
 }
 
 async fn run(count: usize) {

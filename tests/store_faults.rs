@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Exporter, Scrape, compare_with_truth};
+use common::{Exporter, Scrape, compare_with_truth, until_drained};
 use genai_task_exporter::simulator::{
     GroundTruth, ModelKind, ModelSim, ProviderSim, Register, SimConfig, Simulator, Workload,
 };
@@ -109,34 +109,9 @@ async fn start(config: SimConfig, state: &Path) -> Run {
     }
 }
 
-fn terminal_total(truth: &GroundTruth) -> f64 {
-    truth
-        .providers
-        .values()
-        .map(|p| p.totals.terminal.total() as f64)
-        .sum()
-}
-
 /// Waits until the simulator drained and every terminal task is counted.
 async fn drain(run: &Run, timeout: Duration) -> (GroundTruth, Scrape) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let truth = run.sim.truth();
-        let scrape = run.exporter.scrape().await;
-        if truth.drained
-            && scrape.sum("genai_task_completions_total", &[]) >= terminal_total(&truth)
-        {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            return (run.sim.truth(), run.exporter.scrape().await);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not drained in {timeout:?}: terminal {} counted {}",
-            terminal_total(&truth),
-            scrape.sum("genai_task_completions_total", &[])
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_drained(&run.sim, timeout, || run.exporter.scrape(), String::new).await
 }
 
 fn store_up(m: &Scrape) -> Option<f64> {

@@ -706,6 +706,45 @@ impl Drop for Binary {
 // Ground truth
 // ---------------------------------------------------------------------------------------
 
+/// Tasks of the truth that reached a terminal status, every provider.
+pub fn terminal_total(truth: &GroundTruth) -> f64 {
+    truth
+        .providers
+        .values()
+        .map(|p| p.totals.terminal.total() as f64)
+        .sum()
+}
+
+/// Scrapes (with `scrape`) until the simulator has drained and every terminal task is
+/// counted, then once more after a flush: nothing may move past the truth afterwards.
+/// Returns that truth and scrape; panics after `timeout`, with `detail()` in the message.
+pub async fn until_drained<F: std::future::Future<Output = Scrape>>(
+    sim: &genai_task_exporter::simulator::Simulator,
+    timeout: Duration,
+    mut scrape: impl FnMut() -> F,
+    detail: impl Fn() -> String,
+) -> (GroundTruth, Scrape) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let truth = sim.truth();
+        let m = scrape().await;
+        let counted = m.sum("genai_task_completions_total", &[]);
+        if truth.drained && counted >= terminal_total(&truth) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            return (sim.truth(), scrape().await);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not drained in {timeout:?}: simulator drained={} terminal={}, exporter counted {counted}, discovered {}{}",
+            truth.drained,
+            terminal_total(&truth),
+            m.sum("genai_task_discovered_total", &[]),
+            detail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Compares every task counter with the truth, printing the figures; returns mismatches.
 pub fn compare_with_truth(truth: &GroundTruth, m: &Scrape) -> Vec<String> {
     let mut mismatches = Vec::new();
